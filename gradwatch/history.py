@@ -1,0 +1,125 @@
+"""History: a fixed-size ring buffer of per-layer norms on the device, mirrored on the host at flush."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class NormHistory:
+    """The last ``window`` steps of per-layer gradient norms, total norm and clip coefficient.
+
+    Rows are written on the device every step (no sync). :meth:`pending` returns the rows written
+    since the last flush as device tensors, ready to be packed into the one host transfer, and
+    :meth:`commit` stores their host copy in the mirror that :meth:`as_dict` reads.
+
+    Args:
+        window: Number of steps retained.
+        num_layers: Number of layers (columns).
+        device: Where the ring lives.
+    """
+
+    def __init__(self, window: int, num_layers: int, device: torch.device) -> None:
+        self.window = window
+        self.num_layers = num_layers
+        self._norms = torch.full((window, num_layers), float("nan"), device=device)
+        self._scalars = torch.full((window, 2), float("nan"), device=device)  # total, clip coef
+        self._steps: list[int] = []  # steps of rows not yet committed
+        self._lr_scales: list[float] = []
+        self._written = 0  # rows written since the start
+        self.host_steps = np.zeros(0, dtype=np.int64)
+        self.host_norms = np.zeros((0, num_layers), dtype=np.float32)
+        self.host_total = np.zeros(0, dtype=np.float32)
+        self.host_clip = np.zeros(0, dtype=np.float32)
+        self.host_lr_scale = np.zeros(0, dtype=np.float32)
+
+    def write(
+        self, step: int, norms: torch.Tensor, total: torch.Tensor, clip_coef: torch.Tensor | None,
+        lr_scale: float,
+    ) -> None:
+        """Stores one step's values (device-side copies, no sync)."""
+        row = self._written % self.window
+        self._norms[row].copy_(norms)
+        self._scalars[row, 0].copy_(total)
+        if clip_coef is None:
+            self._scalars[row, 1].fill_(1.0)
+        else:
+            self._scalars[row, 1].copy_(clip_coef)
+        self._steps.append(step)
+        self._lr_scales.append(lr_scale)
+        self._written += 1
+        if len(self._steps) > self.window:  # never committed (no flush yet): keep the newest
+            del self._steps[0], self._lr_scales[0]
+
+    @property
+    def num_pending(self) -> int:
+        """Rows written since the last commit."""
+        return len(self._steps)
+
+    def pending(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device views of the pending rows, oldest first: norms ``[k, L]``, scalars ``[k, 2]``."""
+        k = len(self._steps)
+        end = self._written % self.window
+        start = (self._written - k) % self.window
+        if k == 0:
+            return self._norms[:0], self._scalars[:0]
+        if start < end:
+            return self._norms[start:end], self._scalars[start:end]
+        return (
+            torch.cat([self._norms[start:], self._norms[:end]]),
+            torch.cat([self._scalars[start:], self._scalars[:end]]),
+        )
+
+    def commit(self, norms: np.ndarray, scalars: np.ndarray) -> None:
+        """Appends the host copy of the pending rows to the mirror, keeping the last ``window``."""
+        keep = self.window
+        self.host_steps = np.concatenate([self.host_steps, np.asarray(self._steps)])[-keep:]
+        self.host_norms = np.concatenate([self.host_norms, norms])[-keep:]
+        self.host_total = np.concatenate([self.host_total, scalars[:, 0]])[-keep:]
+        self.host_clip = np.concatenate([self.host_clip, scalars[:, 1]])[-keep:]
+        lr = np.asarray(self._lr_scales, dtype=np.float32)
+        self.host_lr_scale = np.concatenate([self.host_lr_scale, lr])[-keep:]
+        self._steps.clear()
+        self._lr_scales.clear()
+
+    def as_dict(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The committed window: ``"step"`` and one norm array per layer name."""
+        out: dict[str, np.ndarray] = {"step": self.host_steps.copy()}
+        for column, name in enumerate(names):
+            out[name] = self.host_norms[:, column].copy()
+        return out
+
+    def state_dict(self) -> dict:
+        """Plain-value state of the committed window (flush first)."""
+        return {
+            "window": self.window,
+            "steps": self.host_steps.tolist(),
+            "norms": self.host_norms.tolist(),
+            "total": self.host_total.tolist(),
+            "clip": self.host_clip.tolist(),
+            "lr_scale": self.host_lr_scale.tolist(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores the committed window into the mirror and the device ring."""
+        self.host_steps = np.asarray(state["steps"], dtype=np.int64)[-self.window :]
+        norms = np.asarray(state["norms"], dtype=np.float32).reshape(-1, self.num_layers)
+        self.host_norms = norms[-self.window :]
+        self.host_total = np.asarray(state["total"], dtype=np.float32)[-self.window :]
+        self.host_clip = np.asarray(state["clip"], dtype=np.float32)[-self.window :]
+        self.host_lr_scale = np.asarray(state["lr_scale"], dtype=np.float32)[-self.window :]
+        k = len(self.host_steps)
+        device = self._norms.device
+        self._norms.fill_(float("nan"))
+        self._scalars.fill_(float("nan"))
+        if k:
+            self._norms[:k].copy_(torch.from_numpy(self.host_norms).to(device))
+            self._scalars[:k, 0].copy_(torch.from_numpy(self.host_total).to(device))
+            self._scalars[:k, 1].copy_(torch.from_numpy(self.host_clip).to(device))
+        self._written = k
+        self._steps.clear()
+        self._lr_scales.clear()
+
+    def device_window(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The whole device ring (norms, scalars) and how many rows are valid (for detectors)."""
+        return self._norms, self._scalars, min(self._written, self.window)

@@ -1,0 +1,143 @@
+"""The probe: per-layer sums of squares of the gradients (or weights), one foreach pass, on device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gradwatch.distributed import all_reduce_sum_, is_sharded, local_part, replica_weight
+from gradwatch.layers import Layer
+
+_DENSE, _SPARSE = 1, 2
+
+
+@dataclass
+class _Plan:
+    """How to reduce one particular set of present tensors (cached by which ones are present)."""
+
+    present: list[int]  # indices into GradientProbe.params
+    groups: list[list[int]]  # positions in ``present``, one list per (device, dtype) dense group
+    sparse: list[int]  # positions in ``present`` of sparse gradients
+    layer_index: torch.Tensor  # [len(present)] layer of each value, in concatenation order
+    weights: torch.Tensor | None  # replica weights in concatenation order (sharded models only)
+    has_grad: torch.Tensor  # [L] bool
+
+
+class GradientProbe:
+    """Computes per-layer L2 norms of gradients and weights with ``torch._foreach_norm``.
+
+    Tensors are grouped by device and dtype once per pattern of present gradients; each group is
+    reduced with one ``_foreach_norm`` call accumulating in float32, sparse gradients fall back to
+    a per-tensor norm. Per-tensor squares are summed into layers with ``index_add_``. Everything stays
+    on the home device; sharded (DTensor) models are all-reduced once per call.
+
+    Args:
+        layers: The layers, in the order their values are reported.
+        device: The home device where results live.
+    """
+
+    def __init__(self, layers: list[Layer], device: torch.device) -> None:
+        self.device = device
+        self.num_layers = len(layers)
+        self.params: list[nn.Parameter] = [p for layer in layers for p in layer.params]
+        self._param_layer = [i for i, layer in enumerate(layers) for _ in layer.params]
+        self.sharded = any(is_sharded(p) for p in self.params)
+        self._weights = [replica_weight(p) for p in self.params] if self.sharded else None
+        self._plans: dict[tuple[int, ...], _Plan] = {}
+        self._foreach_dtype_ok = True
+
+    def grad_pattern(self) -> tuple[int, ...]:
+        """Which parameters have a gradient now (0 none, 1 dense, 2 sparse)."""
+        return tuple(
+            0 if p.grad is None else (_SPARSE if p.grad.is_sparse else _DENSE) for p in self.params
+        )
+
+    def grad_sq_norms(self, pattern: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-layer sums of squares of the current gradients, and the per-layer has-grad mask."""
+        plan = self._plan(pattern)
+        tensors = [local_part(self.params[i].grad) for i in plan.present]  # type: ignore[arg-type]
+        return self._reduce(plan, tensors), plan.has_grad
+
+    def weight_sq_norms(self) -> torch.Tensor:
+        """Per-layer sums of squares of the parameters themselves."""
+        plan = self._plan((_DENSE,) * len(self.params))
+        with torch.no_grad():
+            tensors = [local_part(p.detach()) for p in self.params]
+            return self._reduce(plan, tensors)
+
+    def reduce_tensors(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Per-layer sums of squares of arbitrary tensors shaped like the (local) parameters."""
+        return self._reduce(self._plan((_DENSE,) * len(self.params)), tensors)
+
+    def grads(self, pattern: tuple[int, ...]) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
+        """Parameters with a gradient and their local gradient tensors."""
+        plan = self._plan(pattern)
+        params = [self.params[i] for i in plan.present]
+        return params, [local_part(p.grad) for p in params]  # type: ignore[arg-type]
+
+    def _reduce(self, plan: _Plan, tensors: list[torch.Tensor]) -> torch.Tensor:
+        parts = []
+        for group in plan.groups:
+            norms = self._foreach_norms([tensors[j] for j in group])
+            parts.append(torch.stack(norms).to(self.device, torch.float32, non_blocking=True))
+        if plan.sparse:
+            norms = [_sparse_norm(tensors[j]) for j in plan.sparse]
+            parts.append(torch.stack(norms).to(self.device, torch.float32, non_blocking=True))
+        sq = torch.zeros(self.num_layers, device=self.device, dtype=torch.float32)
+        if not parts:
+            return sq
+        values = (parts[0] if len(parts) == 1 else torch.cat(parts)).square()
+        if plan.weights is not None:
+            values = values * plan.weights
+        sq.index_add_(0, plan.layer_index, values)
+        if self.sharded:
+            all_reduce_sum_(sq)
+        return sq
+
+    def _foreach_norms(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self._foreach_dtype_ok:
+            try:
+                return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+            except (RuntimeError, TypeError, NotImplementedError):
+                self._foreach_dtype_ok = False
+        return [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+
+    def _plan(self, pattern: tuple[int, ...]) -> _Plan:
+        plan = self._plans.get(pattern)
+        if plan is None:
+            plan = self._build_plan(pattern)
+            if len(self._plans) > 64:  # patterns should be few; never grow without bound
+                self._plans.clear()
+            self._plans[pattern] = plan
+        return plan
+
+    def _build_plan(self, pattern: tuple[int, ...]) -> _Plan:
+        present = [i for i, kind in enumerate(pattern) if kind]
+        keyed: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        sparse = []
+        for pos, i in enumerate(present):
+            if pattern[i] == _SPARSE:
+                sparse.append(pos)
+                continue
+            local = local_part(self.params[i])
+            keyed.setdefault((local.device, local.dtype), []).append(pos)
+        groups = list(keyed.values())
+        order = [pos for group in groups for pos in group] + sparse
+        layer_index = torch.tensor(
+            [self._param_layer[present[pos]] for pos in order], dtype=torch.long, device=self.device
+        )
+        weights = None
+        if self._weights is not None:
+            weights = torch.tensor(
+                [self._weights[present[pos]] for pos in order], dtype=torch.float32,
+                device=self.device,
+            )
+        has_grad = torch.zeros(self.num_layers, dtype=torch.bool, device=self.device)
+        has_grad[layer_index] = True
+        return _Plan(present, groups, sparse, layer_index, weights, has_grad)
+
+
+def _sparse_norm(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(tensor.coalesce().values(), dtype=torch.float32)

@@ -1,0 +1,5 @@
+"""Sinks: where flush records go (TensorBoard, framework loggers)."""
+
+from gradwatch.sinks.base import Sink
+
+__all__ = ["Sink"]

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs gradwatch and its development tools. A CPU build of torch is installed first when no
+# torch is present (a bare `torch` requirement would pull a multi-GB CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+  "$PYTHON" -m pip install --quiet "torch==2.13.0"
+fi
+"$PYTHON" -m pip install --quiet -e ".[dev]"
