@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -43,25 +43,35 @@ def unwrap(model: nn.Module) -> nn.Module:
         return model
 
 
-def find_layers(model: nn.Module) -> list[Layer]:
-    """Groups the trainable parameters of ``model`` into layers, in registration order."""
+def find_layers(model: nn.Module, params: Iterable[nn.Parameter] | None = None) -> list[Layer]:
+    """Groups the trainable parameters of ``model`` into layers, in registration order.
+
+    Args:
+        model: The module whose parameters are grouped.
+        params: Only these parameters (e.g. one optimizer's); every trainable one when None.
+    """
+    allowed = None if params is None else {id(param) for param in params}
     seen: set[int] = set()
     layers = []
     for name, module in model.named_modules():
-        params = []
+        owned = []
         for param in module.parameters(recurse=False):
+            if allowed is not None and id(param) not in allowed:
+                continue
             if param.requires_grad and id(param) not in seen:
                 seen.add(id(param))
-                params.append(param)
-        if params:
-            layers.append(Layer(name, module, params))
+                owned.append(param)
+        if owned:
+            layers.append(Layer(name, module, owned))
     return layers
 
 
 class ForwardOrder:
-    """Records the order in which layers first run, during the first forward pass.
+    """Records the order in which layers first finish running, during the first forward pass.
 
-    Hooks are installed on construction and removed once the root module's first forward
+    A layer's position is when its forward first returns, so a module that owns parameters and
+    also has children (the root, a custom block) comes after the children it calls. Hooks are
+    installed on construction and removed once the root module's first forward
     returns (or by :meth:`remove`).
 
     Args:
@@ -78,11 +88,11 @@ class ForwardOrder:
         self._on_done = on_done
         self._handles: list[RemovableHandle] = []
         for index, layer in enumerate(layers):
-            self._handles.append(layer.module.register_forward_pre_hook(self._pre_hook(index)))
+            self._handles.append(layer.module.register_forward_hook(self._ran_hook(index)))
         self._handles.append(root.register_forward_hook(self._root_done))
 
-    def _pre_hook(self, index: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: object) -> None:
+    def _ran_hook(self, index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: object, output: object) -> None:
             if index not in self._seen:
                 self._seen.add(index)
                 self._order.append(index)

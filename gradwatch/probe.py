@@ -46,7 +46,7 @@ class GradientProbe:
         self.sharded = any(is_sharded(p) for p in self.params)
         self._weights = [replica_weight(p) for p in self.params] if self.sharded else None
         self._plans: dict[tuple[int, ...], _Plan] = {}
-        self._foreach_dtype_ok = True
+        self._foreach_ok = True
 
     def grad_pattern(self) -> tuple[int, ...]:
         """Which parameters have a gradient now (0 none, 1 dense, 2 sparse)."""
@@ -97,12 +97,13 @@ class GradientProbe:
         return sq
 
     def _foreach_norms(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self._foreach_dtype_ok:
+        dtype = _accumulation_dtype(tensors[0].dtype)
+        if self._foreach_ok:
             try:
-                return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+                return list(torch._foreach_norm(tensors, 2, dtype=dtype))
             except (RuntimeError, TypeError, NotImplementedError):
-                self._foreach_dtype_ok = False
-        return [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+                self._foreach_ok = False  # e.g. a backend without foreach kernels
+        return [torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]
 
     def _plan(self, pattern: tuple[int, ...]) -> _Plan:
         plan = self._plans.get(pattern)
@@ -139,5 +140,11 @@ class GradientProbe:
         return _Plan(present, groups, sparse, layer_index, weights, has_grad)
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """Low-precision tensors accumulate in float32; float32/float64 keep their own precision."""
+    return None if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def _sparse_norm(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(tensor.coalesce().values(), dtype=torch.float32)
+    values = tensor.coalesce().values()
+    return torch.linalg.vector_norm(values, dtype=_accumulation_dtype(values.dtype))

@@ -30,6 +30,7 @@ class WatchContext:
         numels: ``[L]`` float32 element counts per layer (full, unsharded sizes).
         probe: The gradient probe (remedies use it to reach the gradients).
         profile: What the model contains, for advice.
+        activations: The activation monitor (``check_activations=True``), else None.
     """
 
     model: nn.Module
@@ -40,6 +41,7 @@ class WatchContext:
     numels: torch.Tensor
     probe: GradientProbe
     profile: ModelProfile
+    activations: Any = None
 
     @property
     def layer_names(self) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,8 @@ class GradWatch:
             one flag per step).
         window: Steps of history kept (at least ``log_every_n_steps``).
         sinks: Extra sinks (e.g. a framework logger adapter), written at every flush on rank 0.
+        params: Watch only these parameters of ``model`` (e.g. one optimizer's); default every
+            trainable parameter.
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class GradWatch:
         nonfinite: str = "warn",
         window: int = 1000,
         sinks: Sequence[Sink] = (),
+        params: Iterable[nn.Parameter] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}: {model!r}")
@@ -117,7 +120,7 @@ class GradWatch:
             if not isinstance(sink, Sink):
                 raise TypeError(f"sinks[{name}] must be a gradwatch Sink, got {sink!r}")
 
-        self._layers: list[Layer] = find_layers(self.model)
+        self._layers: list[Layer] = find_layers(self.model, params)
         if not self._layers:
             raise ValueError(
                 f"model has no trainable parameters to watch: {type(self.model).__name__} "
@@ -161,11 +164,16 @@ class GradWatch:
         """Number of steps recorded so far (the next step's number)."""
         return self._step
 
-    def step(self, loss: torch.Tensor | float | None = None) -> StepReport:
+    def step(
+        self, loss: torch.Tensor | float | None = None, *, global_step: int | None = None
+    ) -> StepReport:
         """Records one step: call after backward (and ``scaler.unscale_``), before ``optimizer.step``.
 
         Args:
             loss: The step's loss, checked for NaN/Inf (never synced).
+            global_step: This step's number (e.g. Lightning's ``trainer.global_step``) instead of
+                one more than the previous one; numbers should increase. A flush happens at the first
+                step that reaches or passes a multiple of ``log_every_n_steps``.
 
         Returns:
             The step's report; ``report.skipped`` tells whether the update must not happen.
@@ -177,7 +185,7 @@ class GradWatch:
             self._warn_once("closed", "GradWatch.step() called after close(); ignored")
             return StepReport(step=self._step)
         try:
-            return self._record_step(loss)
+            return self._record_step(loss, global_step)
         except GradientError:
             raise
         except Exception as error:  # the training loop comes first
@@ -306,12 +314,13 @@ class GradWatch:
             numels=numels.to(device),
             probe=probe,
             profile=ModelProfile.inspect(self.model, self.optimizer),
+            activations=self._activations,
         )
         self._history = NormHistory(self.window, len(self._layers), device)
         self._rows: list[list[torch.Tensor]] = [[] for _ in self.detectors]
         self._overflow_rows: list[torch.Tensor] = []
         self._overflow_run = torch.zeros((), device=device)
-        self._weight_norms = torch.zeros(len(self._layers), device=device)
+        self._weight_norms = probe.weight_sq_norms().sqrt()
         self._update_ratio: torch.Tensor | None = None
         self._snapshot: list[torch.Tensor] | None = None
         self._histogram_rows: list[tuple[int, torch.Tensor]] = []
@@ -330,7 +339,9 @@ class GradWatch:
             self._pending_state = None
         return context
 
-    def _record_step(self, loss: torch.Tensor | float | None) -> StepReport:
+    def _record_step(
+        self, loss: torch.Tensor | float | None, global_step: int | None = None
+    ) -> StepReport:
         context = self._context or self._build_context()
         probe = context.probe
         pattern = probe.grad_pattern()
@@ -345,13 +356,14 @@ class GradWatch:
                 "twice", "GradWatch.step() called twice for one backward pass; the repeat is ignored"
             )
             return self._last_report
-        step = self._step
-        flush_due = (step + 1) % self.log_every_n_steps == 0
+        step = self._step if global_step is None else global_step
+        cadence = self.log_every_n_steps
+        flush_due = (step + 1) // cadence > self._step // cadence  # reached or passed a multiple
 
         sq_norms, has_grad = probe.grad_sq_norms(pattern)
         norms = sq_norms.sqrt()
         total = sq_norms.sum().sqrt()
-        if step == 0 or flush_due:
+        if flush_due:  # first measured by _build_context
             self._weight_norms = probe.weight_sq_norms().sqrt()
         update_ratio = self._measure_updates(step) if self.track_updates else None
         grads_finite = torch.isfinite(total)
@@ -387,7 +399,7 @@ class GradWatch:
             rows.append(_detection_row(detection))
         if self.nonfinite == "raise" and self._nonfinite_now(obs):
             self._history.write(step, norms, total, None, 1.0)
-            self._step += 1
+            self._step = step + 1
             self._flush()
             raise GradientError(self._nonfinite_alert(step))
         for remedy in self.remedies:
@@ -397,7 +409,7 @@ class GradWatch:
         self._history.write(step, norms, total, obs.clip_coef, obs.lr_scale)
         if self._histograms is not None and step % self.histogram_every_n_steps == 0:
             self._histogram_rows.append((step, self._histograms.compute(obs)))
-        self._step += 1
+        self._step = step + 1
         self._fingerprint = self._grad_fingerprint(pattern)
         report = StepReport(
             step=step,

@@ -1,0 +1,159 @@
+"""Gradient histograms binned on the device, decoded on the host for ``add_histogram_raw``.
+
+The bins are fixed and signed, log-spaced in ``|g|`` (the convention of TensorFlow's default
+histogram buckets, coarser): a value ``g`` falls in bin ``sign(g) * m`` around a centre bin, where
+``m = 0`` holds ``|g| < MIN_MAGNITUDE`` (zeros included) and ``m = 1..K`` are ``BINS_PER_DECADE``
+bins per decade up to ``MAX_MAGNITUDE`` (larger values, infinities included, land in ``m = K``).
+Because the edges never change, binning is a handful of element-wise kernels and one ``bincount``
+per gradient tensor, with no host sync; the per-layer counts and statistics of one step form a
+single ``[L, B + 5]`` tensor that joins the flush's one device-to-host transfer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradwatch.step import StepObservation, WatchContext
+
+MIN_MAGNITUDE = 1e-12
+MAX_MAGNITUDE = 1e6
+BINS_PER_DECADE = 8
+_MAGNITUDE_BINS = round(math.log10(MAX_MAGNITUDE / MIN_MAGNITUDE) * BINS_PER_DECADE)  # K
+NUM_BINS = 2 * _MAGNITUDE_BINS + 1  # B: -K..K
+_STATS = ("min", "max", "num", "sum", "sum_squares")
+
+
+def bucket_limits() -> np.ndarray:
+    """Right edges of the ``NUM_BINS`` signed bins, increasing (the last one is ``+inf``)."""
+    k = _MAGNITUDE_BINS
+    ratio = 10.0 ** (1.0 / BINS_PER_DECADE)
+    magnitudes = MIN_MAGNITUDE * ratio ** np.arange(k + 1, dtype=np.float64)  # edge m: lo * r^m
+    negative = -magnitudes[k - 1 :: -1]  # bins m = -K..-1: right edge -lo * r^(|m| - 1)
+    positive = magnitudes[1:].copy()  # bins m = 1..K: right edge lo * r^m
+    positive[-1] = np.inf
+    return np.concatenate([negative, [MIN_MAGNITUDE], positive])
+
+
+class GradientHistograms:
+    """Per-layer gradient histograms with fixed signed log-spaced bins.
+
+    :meth:`compute` runs on the training step (device only); :meth:`decode` runs at the flush on
+    the host copy. Transient memory is one float32 copy of the largest gradient tensor.
+
+    Args:
+        context: The watch context (layers in forward order, home device).
+    """
+
+    def __init__(self, context: WatchContext) -> None:
+        self.context = context
+        self.layer_names = context.layer_names
+        self._layer_of = {
+            id(param): index for index, layer in enumerate(context.layers) for param in layer.params
+        }
+        self._limits = bucket_limits()
+        self._log10_lo = math.log10(MIN_MAGNITUDE)
+
+    def compute(self, obs: StepObservation) -> torch.Tensor:
+        """Bins this step's gradients per layer, on the device, without a host sync.
+
+        Args:
+            obs: The step's observation (its gradients and per-layer sums of squares).
+
+        Returns:
+            ``[L, NUM_BINS + 5]`` float32: bin counts, then min, max, count, sum, sum of squares.
+        """
+        num_layers = self.context.num_layers
+        device = self.context.device
+        counts = torch.zeros(num_layers, NUM_BINS + 1, device=device, dtype=torch.float32)
+        mins = torch.full((num_layers,), math.inf, device=device)
+        maxs = torch.full((num_layers,), -math.inf, device=device)
+        sums = torch.zeros(num_layers, device=device)
+        params, grads = obs.grads()
+        layer_minmax: list[torch.Tensor] = []
+        layer_sums: list[torch.Tensor] = []
+        layer_index: list[int] = []
+        with torch.no_grad():
+            for param, grad in zip(params, grads):
+                layer = self._layer_of[id(param)]
+                values = _flat_float(grad)
+                if values.numel() == 0:
+                    continue
+                counts[layer] += self._bin_counts(values).to(device, torch.float32)
+                layer_minmax.append(torch.stack(torch.aminmax(values)).to(device))
+                layer_sums.append(values.sum().to(device))
+                layer_index.append(layer)
+            if layer_index:
+                index = torch.tensor(layer_index, device=device)
+                minmax = torch.stack(layer_minmax)
+                mins.scatter_reduce_(0, index, minmax[:, 0], "amin")
+                maxs.scatter_reduce_(0, index, minmax[:, 1], "amax")
+                sums.index_add_(0, index, torch.stack(layer_sums))
+            counts = counts[:, :NUM_BINS]  # the last column collected NaNs
+            stats = torch.stack([mins, maxs, counts.sum(1), sums, obs.sq_norms.float()], dim=1)
+            return torch.cat([counts, stats], dim=1)
+
+    def _bin_counts(self, values: torch.Tensor) -> torch.Tensor:
+        """Counts of ``values`` per signed bin (``NUM_BINS + 1`` entries, NaNs in the last)."""
+        k = _MAGNITUDE_BINS
+        magnitude = values.abs().log10_().sub_(self._log10_lo).mul_(BINS_PER_DECADE)
+        magnitude = magnitude.floor_().add_(1.0).clamp_(0.0, float(k))
+        signed = torch.copysign(magnitude, values).add_(float(k)).nan_to_num_(nan=float(NUM_BINS))
+        return torch.bincount(signed.to(torch.int64), minlength=NUM_BINS + 1)
+
+    def decode(self, host_array: np.ndarray) -> list[tuple[str, dict[str, Any]]]:
+        """Turns one host copy of :meth:`compute` into ``add_histogram_raw`` keyword arguments.
+
+        Empty bins at both ends are dropped and layers without a gradient are left out.
+
+        Args:
+            host_array: ``[L, NUM_BINS + 5]`` as returned by :meth:`compute`, on the host.
+
+        Returns:
+            ``(layer name, kwargs)`` per layer with values, in forward order; ``kwargs`` holds
+            ``min``, ``max``, ``num``, ``sum``, ``sum_squares``, ``bucket_limits`` and
+            ``bucket_counts``.
+        """
+        rows = np.asarray(host_array, dtype=np.float64).reshape(len(self.layer_names), -1)
+        out: list[tuple[str, dict[str, Any]]] = []
+        for name, row in zip(self.layer_names, rows):
+            counts = row[:NUM_BINS]
+            low, high, num, total, squares = row[NUM_BINS:]
+            occupied = np.flatnonzero(counts)
+            if num <= 0 or not len(occupied):
+                continue
+            first, last = occupied[0], occupied[-1] + 1
+            limits = self._limits[first:last].copy()
+            if not np.isfinite(high):  # an infinity or a NaN: the edges of the occupied bins
+                high = limits[-1] if np.isfinite(limits[-1]) else 10.0 * MAX_MAGNITUDE
+            if not np.isfinite(low):
+                low = min(-10.0 * MAX_MAGNITUDE, high) if first == 0 else self._limits[first - 1]
+            if not np.isfinite(limits[-1]):
+                limits[-1] = high
+            out.append(
+                (
+                    name,
+                    {
+                        "min": float(low),
+                        "max": float(high),
+                        "num": int(num),
+                        "sum": float(total) if np.isfinite(total) else 0.0,
+                        "sum_squares": float(squares) if np.isfinite(squares) else 0.0,
+                        "bucket_limits": limits.tolist(),
+                        "bucket_counts": counts[first:last].tolist(),
+                    },
+                )
+            )
+        return out
+
+
+def _flat_float(grad: torch.Tensor) -> torch.Tensor:
+    """The gradient's values as a flat float32 tensor (sparse gradients: their stored values)."""
+    values = grad.detach()
+    if values.is_sparse:
+        values = values.coalesce().values()
+    values = values.reshape(-1)
+    return values if values.dtype == torch.float32 else values.float()

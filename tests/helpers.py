@@ -1,0 +1,55 @@
+"""Test helpers: float64 reference norms and a host-sync spy."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+SYNC_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy")
+
+
+def reference_norms(model: nn.Module, names: list[str]) -> dict[str, float]:
+    """Per-layer L2 gradient norms in float64, straight from the definition (tied params once)."""
+    seen: set[int] = set()
+    out: dict[str, float] = {}
+    modules = dict(model.named_modules())
+    owner: dict[str, list[torch.Tensor]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                owner.setdefault(name, []).append(p)
+    for name in names:
+        assert name in modules
+        sq = sum(
+            (p.grad.double().pow(2).sum() if p.grad is not None else torch.zeros((), dtype=torch.float64))
+            for p in owner[name]
+        )
+        out[name] = float(torch.as_tensor(sq).sqrt())
+    return out
+
+
+@contextlib.contextmanager
+def count_syncs() -> Iterator[Counter]:
+    """Counts calls of tensor methods that move data to the host, while active."""
+    counts: Counter = Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
+
+    def spy(name: str, original):  # type: ignore[no-untyped-def]
+        def wrapper(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            counts[name] += 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, spy(name, original))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
