@@ -1,20 +1,42 @@
 """gradwatch: per-layer gradient monitoring, diagnosis and remedies for PyTorch training."""
 
 from gradwatch.alerts import Alert, AlertKind, GradientError
-from gradwatch.detectors import Detector
-from gradwatch.remedies import Remedy
+from gradwatch.detectors import (
+    DeadUnitsDetector,
+    Detector,
+    ExplodingDetector,
+    NonFiniteDetector,
+    SaturationDetector,
+    SpikeDetector,
+    StagnationDetector,
+    VanishingDetector,
+)
+from gradwatch.remedies import AGC, AutoClip, ClipNorm, LRBackoff, Remedy, SkipStep, ZClip
 from gradwatch.step import StepReport
 from gradwatch.watch import GradWatch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGC",
     "Alert",
     "AlertKind",
+    "AutoClip",
+    "ClipNorm",
+    "DeadUnitsDetector",
     "Detector",
+    "ExplodingDetector",
     "GradWatch",
     "GradientError",
+    "LRBackoff",
+    "NonFiniteDetector",
     "Remedy",
+    "SaturationDetector",
+    "SkipStep",
+    "SpikeDetector",
+    "StagnationDetector",
     "StepReport",
+    "VanishingDetector",
+    "ZClip",
     "__version__",
 ]

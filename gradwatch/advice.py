@@ -458,7 +458,7 @@ def _forward_adds_input(module_class: type[nn.Module]) -> bool:
             if _skip_pair(node.left, node.right, skip_names):
                 return True
         if isinstance(node, ast.AugAssign) and isinstance(node.op, ast.Add):
-            if _is_name(node.value, _SKIP_NAMES) or (
+            if _is_name(node.value, skip_names) or (
                 _is_name(node.target, skip_names) and _has_call(node.value)
             ):
                 return True

@@ -77,7 +77,7 @@ class GradientHistograms:
         layer_sums: list[torch.Tensor] = []
         layer_index: list[int] = []
         with torch.no_grad():
-            for param, grad in zip(params, grads):
+            for param, grad in zip(params, grads, strict=True):
                 layer = self._layer_of[id(param)]
                 values = _flat_float(grad)
                 if values.numel() == 0:
@@ -119,7 +119,7 @@ class GradientHistograms:
         """
         rows = np.asarray(host_array, dtype=np.float64).reshape(len(self.layer_names), -1)
         out: list[tuple[str, dict[str, Any]]] = []
-        for name, row in zip(self.layer_names, rows):
+        for name, row in zip(self.layer_names, rows, strict=True):
             counts = row[:NUM_BINS]
             low, high, num, total, squares = row[NUM_BINS:]
             occupied = np.flatnonzero(counts)

@@ -40,7 +40,16 @@ class WatchContext:
     device: torch.device
     numels: torch.Tensor
     probe: GradientProbe
-    profile: ModelProfile
+    _profile: ModelProfile | None = None
+
+    @property
+    def profile(self) -> ModelProfile:
+        """What the model contains (activations, normalisation, init scale...), for advice."""
+        if self._profile is None:
+            from gradwatch.advice import ModelProfile
+
+            self._profile = ModelProfile.inspect(self.model, self.optimizer)
+        return self._profile
     activations: Any = None
 
     @property

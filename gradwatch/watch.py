@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradwatch import distributed
-from gradwatch.advice import ModelProfile, advise
+from gradwatch.advice import advise
 from gradwatch.alerts import Alert, AlertBook, AlertKind, GradientError
 from gradwatch.detectors import Detector
 from gradwatch.history import NormHistory
@@ -143,7 +144,7 @@ class GradWatch:
         self._pending_state: dict[str, Any] | None = None
         self._attach_handle: RemovableHandle | None = None
         self._last_report: StepReport | None = None
-        self._fingerprint: tuple[Any, ...] | None = None
+        self._fingerprint: list[tuple[weakref.ref, int]] | None = None
         self._warned: set[str] = set()
         self._closed = False
 
@@ -313,7 +314,6 @@ class GradWatch:
             device=device,
             numels=numels.to(device),
             probe=probe,
-            profile=ModelProfile.inspect(self.model, self.optimizer),
             activations=self._activations,
         )
         self._history = NormHistory(self.window, len(self._layers), device)
@@ -351,7 +351,7 @@ class GradWatch:
             )
             return StepReport(step=self._step)
         fingerprint = self._grad_fingerprint(pattern)
-        if fingerprint == self._fingerprint and self._last_report is not None:
+        if self._same_gradients(self._fingerprint, fingerprint) and self._last_report is not None:
             self._warn_once(
                 "twice", "GradWatch.step() called twice for one backward pass; the repeat is ignored"
             )
@@ -423,12 +423,20 @@ class GradWatch:
         self._last_report = report
         return report
 
-    def _grad_fingerprint(self, pattern: tuple[int, ...]) -> tuple[Any, ...]:
-        """Identity and version of a few gradients: unchanged means no backward happened since."""
+    def _grad_fingerprint(self, pattern: tuple[int, ...]) -> list[tuple[weakref.ref, int]]:
+        """A few gradients (weakly referenced) and their versions: unchanged means no backward."""
         params = self._context.probe.params  # type: ignore[union-attr]
         present = [i for i in (0, len(params) // 2, len(params) - 1) if pattern[i]]
         grads = [params[i].grad for i in present]
-        return tuple((id(g), g._version) for g in grads if g is not None)
+        return [(weakref.ref(g), g._version) for g in grads if g is not None]
+
+    @staticmethod
+    def _same_gradients(a: list[tuple[weakref.ref, int]] | None, b: list[tuple[weakref.ref, int]]) -> bool:
+        if a is None or len(a) != len(b) or not b:
+            return False
+        return all(
+            ra() is not None and ra() is rb() and va == vb for (ra, va), (rb, vb) in zip(a, b)
+        )
 
     def _amp_overflow(self, grads_finite: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Whether this step is an AMP overflow step the scaler will skip (not yet persistent)."""

@@ -41,7 +41,9 @@ class LoggerMetricsSink(Sink):
                 f"logger must have a log_metrics(metrics, step) method, got {type(logger).__name__}"
             )
         if not isinstance(prefix, str) or not prefix.strip("/"):
-            raise ValueError(f"prefix must be a non-empty tag root such as 'gradwatch', got {prefix!r}")
+            raise ValueError(
+                f"prefix must be a non-empty tag root such as 'gradwatch', got {prefix!r}"
+            )
         self.logger = logger
         self.prefix = prefix.strip("/")
         self._alert_counts: dict[str, int] = {}
@@ -65,7 +67,7 @@ class LoggerMetricsSink(Sink):
         if record.update_ratios is not None:
             families.append(("update_ratio", record.update_ratios))
         for family, values in families:
-            for name, value in zip(record.layer_names, values):
+            for name, value in zip(record.layer_names, values, strict=True):
                 metrics[self._tag(family, layer_tag(name))] = float(value)
         for kind, count in record.alert_counts.items():
             if self._alert_counts.get(kind) != count:

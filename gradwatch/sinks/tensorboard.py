@@ -22,6 +22,7 @@ any other writer-like object gets the equivalent ``add_*`` calls.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import queue
 import struct
@@ -72,7 +73,7 @@ def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
 
 
 def format_alert_markdown(alert: Alert) -> str:
-    """The ``gradwatch/alerts`` text of one alert (Markdown; ``gradwatch report`` parses it back)."""
+    """The ``gradwatch/alerts`` text of an alert (Markdown; ``gradwatch report`` parses it back)."""
     header = f"**{alert.kind.value}** ({alert.severity}) at step {alert.step}"
     if alert.layers:
         header += ", layers: " + ", ".join(f"`{name or ROOT_NAME}`" for name in alert.layers)
@@ -245,10 +246,8 @@ class TensorBoardSink(Sink):
         if self._error is not None and not self._failure_reported:
             self._failure_reported = True
             if self._owns_writer:
-                try:
+                with contextlib.suppress(Exception):  # the first error is the one to report
                     _call_if_present(self._writer, "close")
-                except Exception:  # already failing; the first error is the one to report
-                    pass
             raise RuntimeError(f"TensorBoard writing failed: {self._error!r}") from self._error
 
     # ------------------------------------------------------------------ building the events
@@ -302,7 +301,9 @@ class TensorBoardSink(Sink):
             layer_rows.append(("update_ratio", record.update_ratios))
         for family, values in layer_rows:
             row = np.asarray(values, dtype=np.float64).tolist()
-            final.extend(_Entry("scalar", tag, value) for tag, value in zip(tags[family], row))
+            final.extend(
+                _Entry("scalar", tag, value) for tag, value in zip(tags[family], row, strict=True)
+            )
         for kind, count in sorted(record.alert_counts.items()):
             if self._alert_counts.get(kind) != count:
                 self._alert_counts[kind] = count
@@ -310,11 +311,11 @@ class TensorBoardSink(Sink):
         for alert in sorted(record.new_alerts, key=lambda a: a.step):
             text = format_alert_markdown(alert)
             events.setdefault(alert.step, []).append(_Entry("text", ALERTS_TAG, text))
-        hist_tags = dict(zip(record.layer_names, tags["grad_hist"]))
+        hist_tags = dict(zip(record.layer_names, tags["grad_hist"], strict=True))
         for step, name, histogram in record.histograms:
             tag = hist_tags.get(name, layer_tag("grad_hist", name))
             events.setdefault(int(step), []).append(_Entry("histogram", tag, histogram))
-        self._flow.add(record.grad_norms)
+        self._flow.add(record.steps, record.grad_norms)
         image = self._flow.render(record.layer_names, self._use_matplotlib)
         if image is not None:
             final.append(_Entry("image", FLOW_TAG, image))
@@ -369,7 +370,10 @@ def _write_protos(file_writer: Any, events: dict[int, list[_Entry]]) -> None:
             else:
                 height, width, _ = entry.value.shape
                 image = Summary.Image(
-                    height=height, width=width, colorspace=3, encoded_image_string=encode_png(entry.value)
+                    height=height,
+                    width=width,
+                    colorspace=3,
+                    encoded_image_string=encode_png(entry.value),
                 )
                 summary.value.add(tag=entry.tag, image=image)
         file_writer.add_summary(summary, step)
@@ -384,9 +388,13 @@ def _write_calls(writer: Any, events: dict[int, list[_Entry]]) -> None:
             elif entry.kind == "text":
                 _call_if_present(writer, "add_text", entry.tag, entry.value, step)
             elif entry.kind == "histogram":
-                _call_if_present(writer, "add_histogram_raw", entry.tag, global_step=step, **entry.value)
+                _call_if_present(
+                    writer, "add_histogram_raw", entry.tag, global_step=step, **entry.value
+                )
             else:
-                _call_if_present(writer, "add_image", entry.tag, entry.value, step, dataformats="HWC")
+                _call_if_present(
+                    writer, "add_image", entry.tag, entry.value, step, dataformats="HWC"
+                )
 
 
 def _file_writer_of(writer: Any) -> Any:
@@ -425,13 +433,16 @@ class GradientFlow:
         self.stride = 1
         self._columns: list[np.ndarray] = []
         self._pending: list[np.ndarray] = []
+        self.first_step: int | None = None
         self.steps_seen = 0
 
-    def add(self, norms: np.ndarray) -> None:
-        """Appends ``[k, L]`` per-layer norms of ``k`` consecutive steps."""
+    def add(self, steps: np.ndarray, norms: np.ndarray) -> None:
+        """Appends ``[k, L]`` per-layer norms of ``k`` consecutive steps numbered ``steps``."""
         rows = np.asarray(norms, dtype=np.float64)
         if rows.ndim != 2 or not len(rows):
             return
+        if self.first_step is None:
+            self.first_step = int(steps[0])
         with np.errstate(divide="ignore", invalid="ignore"):
             logs = np.log10(rows)
         for row in logs:
@@ -441,7 +452,7 @@ class GradientFlow:
                 self._columns.append(_mean_columns(self._pending))
                 self._pending = []
                 if len(self._columns) > self.max_columns:
-                    pairs = zip(self._columns[0::2], self._columns[1::2])
+                    pairs = zip(self._columns[0::2], self._columns[1::2], strict=False)
                     self._columns = [_mean_columns(list(pair)) for pair in pairs]
                     self.stride *= 2
 
@@ -463,7 +474,9 @@ class GradientFlow:
             low, high = low - 0.5, high + 0.5
         clipped = np.where(np.isposinf(grid), high, np.where(np.isneginf(grid), low, grid))
         if use_matplotlib:
-            return _render_matplotlib(clipped, layer_names, self.stride, self.steps_seen, low, high)
+            start = self.first_step or 0
+            span = (start - 0.5 * self.stride, start + self.steps_seen - 0.5 * self.stride)
+            return _render_matplotlib(clipped, layer_names, span, low, high)
         return _render_plain(clipped, low, high)
 
 
@@ -498,26 +511,31 @@ def _render_plain(grid: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def _render_matplotlib(
-    grid: np.ndarray, layer_names: list[str], stride: int, steps_seen: int, low: float, high: float
+    grid: np.ndarray, layer_names: list[str], span: tuple[float, float], low: float, high: float
 ) -> np.ndarray:
-    """A labelled heatmap rendered off-screen with matplotlib's Agg canvas (thread-safe, no pyplot)."""
+    """A labelled heatmap drawn off-screen on matplotlib's Agg canvas (no pyplot state)."""
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows, cols = grid.shape
+    rows = grid.shape[0]
     figure = Figure(figsize=(8.0, min(2.2 + 0.2 * rows, 14.0)), dpi=80)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     colour_map = matplotlib.colormaps["viridis"].with_extremes(bad="magenta")
-    extent = (-0.5 * stride, steps_seen - 0.5 * stride, rows - 0.5, -0.5)
+    extent = (span[0], span[1], rows - 0.5, -0.5)
     image = axes.imshow(
-        np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest", cmap=colour_map,
-        vmin=low, vmax=high, extent=extent,
+        np.ma.masked_invalid(grid),
+        aspect="auto",
+        interpolation="nearest",
+        cmap=colour_map,
+        vmin=low,
+        vmax=high,
+        extent=extent,
     )
     ticks = list(range(0, rows, max(1, rows // 40)))
     axes.set_yticks(ticks, [layer_names[i] or ROOT_NAME for i in ticks], fontsize=7)
-    axes.set_xlabel("step (since the watch started)")
+    axes.set_xlabel("step")
     axes.set_ylabel("layer (forward order)")
     axes.set_title("gradient flow: log10 gradient norm per layer")
     figure.colorbar(image, ax=axes, label="log10 gradient norm")
@@ -543,10 +561,16 @@ def encode_png(rgb: np.ndarray) -> bytes:
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"".join(
-        [b"\x89PNG\r\n\x1a\n", chunk(b"IHDR", header), chunk(b"IDAT", zlib.compress(raw, 6)),
-         chunk(b"IEND", b"")]
+        [
+            b"\x89PNG\r\n\x1a\n",
+            chunk(b"IHDR", header),
+            chunk(b"IDAT", zlib.compress(raw, 6)),
+            chunk(b"IEND", b""),
+        ]
     )
