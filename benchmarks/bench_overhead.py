@@ -21,12 +21,12 @@ from common import (
     ALL_VARIANTS,
     BARE,
     FLOOR,
-    NUM_THREADS,
     PROBE,
     REFERENCE,
     WORKLOADS,
     PairedResult,
     Variant,
+    add_common_arguments,
     amortised_percent,
     count_host_syncs,
     markdown_table,
@@ -34,7 +34,7 @@ from common import (
     points_over,
 )
 
-QUICK = {"rounds": 60, "warmup": 5}
+QUICK = {"rounds": 20, "warmup": 3}
 FULL = {"rounds": 600, "warmup": 30}
 
 
@@ -117,7 +117,6 @@ def profile_probe(steps: int, device: torch.device) -> str:
     Only the ``watch.step`` calls are profiled (the profiler is enabled around each of them); the
     table lists the functions with the largest own time, in µs per step, next to the floor's.
     """
-    torch.set_num_threads(NUM_THREADS)
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for variant in (FLOOR, PROBE):
@@ -167,10 +166,10 @@ def _profile_variant(variant: Variant, steps: int, device: torch.device, workdir
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few rounds: a smoke run, noisy numbers")
+    add_common_arguments(parser)
     parser.add_argument("--profile", action="store_true", help="also profile watch.step()")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         print(run(args.quick, device, Path(tmp)))

@@ -23,11 +23,13 @@ Definitions used by every table:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import importlib.util
 import math
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -38,7 +40,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-NUM_THREADS = 2
+DEFAULT_THREADS = 2  # DESIGN.md's reference setting
 BLOCK_ROUNDS = 100  # a multiple of gradwatch's flush cadence (50) and of the hand-written histogram cadence (100)
 HANDWRITTEN_HISTOGRAM_EVERY = 100
 LIGHTNING_LOG_EVERY = 50  # Lightning's default Trainer(log_every_n_steps=50)
@@ -253,7 +255,7 @@ class _Floor:
         pass
 
 
-class _GradWatchMonitor:
+class GradWatchMonitor:
     """Drives a real ``gw.GradWatch`` the way the README tells users to."""
 
     def __init__(self, trainee: Trainee, **kwargs: Any) -> None:
@@ -368,7 +370,7 @@ def _tensorboard_kwargs(workdir: Path, tag: str) -> dict[str, Any]:
 
 
 def _make_default(trainee: Trainee, workdir: Path) -> Monitor:
-    return _GradWatchMonitor(trainee, **_tensorboard_kwargs(workdir, "default"))
+    return GradWatchMonitor(trainee, **_tensorboard_kwargs(workdir, "default"))
 
 
 def _make_remedies(trainee: Trainee, workdir: Path) -> Monitor:
@@ -378,13 +380,13 @@ def _make_remedies(trainee: Trainee, workdir: Path) -> Monitor:
     missing = [name for name in names if not hasattr(gw, name)]
     _require(not missing, f"gw.{', gw.'.join(missing)} not available yet")
     remedies = [gw.ZClip(), gw.LRBackoff(), gw.SkipStep()]  # type: ignore[attr-defined]
-    return _GradWatchMonitor(trainee, remedies=remedies, **_tensorboard_kwargs(workdir, "remedies"))
+    return GradWatchMonitor(trainee, remedies=remedies, **_tensorboard_kwargs(workdir, "remedies"))
 
 
 def _make_histograms(trainee: Trainee, workdir: Path) -> Monitor:
     _require(has_module("gradwatch.histograms"), "gradwatch.histograms not written yet")
     _require(has_module("gradwatch.activations"), "gradwatch.activations not written yet")
-    return _GradWatchMonitor(
+    return GradWatchMonitor(
         trainee,
         histogram_every_n_steps=HANDWRITTEN_HISTOGRAM_EVERY,
         check_activations=True,
@@ -396,7 +398,7 @@ BARE = Variant("bare step", lambda trainee, workdir: _Bare())
 FLOOR = Variant("floor: bare `_foreach_norm`", lambda trainee, workdir: _Floor(trainee.model))
 PROBE = Variant(
     "gradwatch probe (`detectors=()`)",
-    lambda trainee, workdir: _GradWatchMonitor(trainee, detectors=()),
+    lambda trainee, workdir: GradWatchMonitor(trainee, detectors=()),
     target_pp=0.5,
 )
 DEFAULT = Variant("gradwatch default + TensorBoard", _make_default, target_pp=1.5)
@@ -545,7 +547,6 @@ def run_paired(
     if variants[0] is not BARE:
         raise ValueError("the first variant must be the bare step")
     device = device or torch.device("cpu")
-    torch.set_num_threads(NUM_THREADS)
     results: list[VariantResult] = []
     running: list[tuple[VariantResult, Trainee, Monitor]] = []
     for variant in variants:
@@ -559,6 +560,9 @@ def run_paired(
             result.skipped = str(reason)
             continue
         running.append((result, trainee, monitor))
+    started = time.perf_counter()
+    print(f"[{workload.name}] {len(running)} variants, {warmup} warm-up + {rounds} rounds",
+          file=sys.stderr, flush=True)
     try:
         for _ in range(warmup):
             for result, trainee, monitor in running:
@@ -570,6 +574,9 @@ def run_paired(
             for result, trainee, monitor in running[shift:] + running[:shift]:
                 with _collect_gradwatch_warnings(result.warnings):
                     result.times.append(timed_step(trainee, monitor))
+            if (round_index + 1) % max(1, rounds // 5) == 0:
+                print(f"[{workload.name}] round {round_index + 1}/{rounds}, "
+                      f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     finally:
         for result, _, monitor in running:
             with _collect_gradwatch_warnings(result.warnings):
@@ -616,6 +623,17 @@ def count_host_syncs(
 # ---------------------------------------------------------------------------------------- tables
 
 
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--quick``, ``--threads`` and ``--device``, shared by every benchmark script."""
+    parser.add_argument("--quick", action="store_true", help="few rounds: a smoke run, noisy numbers")
+    parser.add_argument(
+        "--threads", type=int, default=DEFAULT_THREADS,
+        help="torch.set_num_threads (2 is the reference; on a loaded machine 1 avoids OpenMP "
+        "spin-wait stalls that make 2-thread timings meaningless)",
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A GitHub-flavoured Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -636,6 +654,6 @@ def machine_description() -> str:
                 break
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
-        f"{cpu}, {os.cpu_count()} cores, torch.set_num_threads({NUM_THREADS}), {gpu}; "
+        f"{cpu}, {os.cpu_count()} cores, torch.set_num_threads({torch.get_num_threads()}), {gpu}; "
         f"Python {platform.python_version()}, torch {torch.__version__}"
     )

@@ -1,6 +1,7 @@
 """gradwatch: per-layer gradient monitoring, diagnosis and remedies for PyTorch training."""
 
 from gradwatch.alerts import Alert, AlertKind, GradientError
+from gradwatch.audit import AuditReport, audit
 from gradwatch.detectors import (
     DeadUnitsDetector,
     Detector,
@@ -12,6 +13,7 @@ from gradwatch.detectors import (
     VanishingDetector,
 )
 from gradwatch.remedies import AGC, AutoClip, ClipNorm, LRBackoff, Remedy, SkipStep, ZClip
+from gradwatch.sinks.metrics import LoggerMetricsSink
 from gradwatch.step import StepReport
 from gradwatch.watch import GradWatch
 
@@ -21,6 +23,7 @@ __all__ = [
     "AGC",
     "Alert",
     "AlertKind",
+    "AuditReport",
     "AutoClip",
     "ClipNorm",
     "DeadUnitsDetector",
@@ -29,6 +32,7 @@ __all__ = [
     "GradWatch",
     "GradientError",
     "LRBackoff",
+    "LoggerMetricsSink",
     "NonFiniteDetector",
     "Remedy",
     "SaturationDetector",
@@ -39,4 +43,5 @@ __all__ = [
     "VanishingDetector",
     "ZClip",
     "__version__",
+    "audit",
 ]

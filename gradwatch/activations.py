@@ -14,12 +14,13 @@ reduces its output on the device, without any host sync:
 - every hooked module: whether its output holds a NaN/Inf, so the first non-finite output in forward
   order can be named.
 
-Functional activations (``torch.sigmoid(x)``, ``F.relu(x)`` inside a ``forward``) are not modules and
-cannot be hooked: only activation *modules* are monitored.
+Functional activations (``torch.sigmoid(x)``, ``F.relu(x)`` inside a ``forward``) are not modules
+and cannot be hooked: only activation *modules* are monitored.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +44,20 @@ _KINDS: dict[type[nn.Module], str] = {
     **{
         cls: _OTHER
         for cls in (
-            nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU,
-            nn.Mish, nn.Softplus, nn.Softsign, nn.LogSigmoid, nn.Hardswish, nn.Tanhshrink,
+            nn.LeakyReLU,
+            nn.PReLU,
+            nn.RReLU,
+            nn.ELU,
+            nn.CELU,
+            nn.SELU,
+            nn.GELU,
+            nn.SiLU,
+            nn.Mish,
+            nn.Softplus,
+            nn.Softsign,
+            nn.LogSigmoid,
+            nn.Hardswish,
+            nn.Tanhshrink,
         )
     },
 }
@@ -55,8 +68,8 @@ class ActivationStats:
     """One step's activation statistics (device tensors), from :meth:`ActivationMonitor.collect`.
 
     Attributes:
-        saturated: ``[M]`` fraction of outputs in the flat regions per module (0 for modules that are
-            not saturating or did not run).
+        saturated: ``[M]`` fraction of outputs in the flat regions per module (0 for modules that
+            are not saturating or did not run).
         ran: ``[M]`` bool, the module ran (with autograd enabled) during this step.
         nonfinite: ``[M]`` bool, the module's output held a NaN/Inf during this step.
         forward_rank: ``[M]`` float, position of each module in the forward order (first forward).
@@ -115,7 +128,7 @@ class ActivationMonitor:
         self._ran_masks: dict[tuple[bool, ...], torch.Tensor] = {}
         self._zero: torch.Tensor | None = None
 
-    def _hook(self, index: int):  # type: ignore[no-untyped-def]
+    def _hook(self, index: int) -> Callable[[nn.Module, object, object], None]:
         def hook(module: nn.Module, args: object, output: object) -> None:
             if isinstance(output, torch.Tensor) and torch.is_grad_enabled():
                 self._record(index, output.detach())
@@ -152,7 +165,7 @@ class ActivationMonitor:
         self._nonfinite[index].append(nonfinite)
 
     def collect(self) -> ActivationStats | None:
-        """This step's statistics, then clears them; None when no hooked forward ran since the last call."""
+        """This step's statistics, then clears them; None if no hooked forward ran since."""
         ran = tuple(bool(entries) for entries in self._nonfinite)
         if not any(ran):
             return None
@@ -230,8 +243,8 @@ def _flat_region(module: nn.Module) -> tuple[float, float]:
     return (low + high) / 2, (high - low) / 2 - SATURATION_MARGIN
 
 
-def _add(tensors):  # type: ignore[no-untyped-def]
-    """Sum of an iterable of tensors (one add per extra element, no stacking for the common single one)."""
+def _add(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Sum of tensors: one add per extra element, nothing at all for the common single one."""
     iterator = iter(tensors)
     total = next(iterator)
     for tensor in iterator:

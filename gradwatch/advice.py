@@ -9,7 +9,6 @@ clipping remedy) is never suggested.
 from __future__ import annotations
 
 import ast
-import functools
 import inspect as pyinspect
 import math
 import textwrap
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from gradwatch.alerts import AlertKind
-from gradwatch.distributed import local_part
+from gradwatch.distributed import held_whole
 from gradwatch.transfer import to_host
 
 SATURATING = frozenset({"Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign", "LogSigmoid"})
@@ -62,6 +61,7 @@ _ORTHOGONAL_TOLERANCE = 0.1
 # LSTM forget-gate biases (b_ih + b_hh) averaging at least this count as "initialised to ~1".
 _FORGET_BIAS_SET = 0.5
 _CLIPPING_REMEDIES = frozenset({"ClipNorm", "AutoClip", "ZClip", "AGC"})
+_ADDS_INPUT: dict[type[nn.Module], bool] = {}  # per class: its forward source adds its input
 
 
 @dataclass
@@ -161,7 +161,9 @@ class ModelProfile:
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if own:
                 profile.depth += 1
-                profile.half_precision |= any(p.dtype in (torch.float16, torch.bfloat16) for p in own)
+                profile.half_precision |= any(
+                    p.dtype in (torch.float16, torch.bfloat16) for p in own
+                )
             weight = getattr(module, "weight", None)
             if isinstance(module, _WEIGHT_LAYERS) and isinstance(weight, torch.Tensor):
                 profile.weight_layers += 1
@@ -201,7 +203,7 @@ class ModelProfile:
         return bool(self.remedies & _CLIPPING_REMEDIES)
 
     def current_lr(self) -> float | None:
-        """The optimizer's largest learning rate now (schedulers change it), else the inspected one."""
+        """The optimizer's largest learning rate now (schedulers move it), else ``lr``."""
         if self._optimizer is not None:
             lr = _largest_lr(self._optimizer)
             if lr is not None:
@@ -209,13 +211,15 @@ class ModelProfile:
         return self.lr
 
     def _measure_init(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        # sharded weights are left out: each rank would measure its own shard and advise differently
+        weights = [(path, whole) for path, w in weights if (whole := held_whole(w)) is not None]
         if not weights:
             return
         with torch.no_grad():
-            stds = [local_part(w.detach()).float().std(unbiased=False).reshape(1) for _, w in weights]
+            stds = [w.detach().float().std(unbiased=False).reshape(1) for _, w in weights]
             host = to_host([torch.cat([s.to(stds[0].device) for s in stds])])[0]
         he, xavier = [], []
-        for (path, weight), std in zip(weights, host):
+        for (path, weight), std in zip(weights, host, strict=True):
             fan_in, fan_out = _fans(weight)
             he_ratio = float(std) / math.sqrt(2.0 / fan_in)
             xavier_ratio = float(std) / math.sqrt(2.0 / (fan_in + fan_out))
@@ -237,7 +241,10 @@ class ModelProfile:
                     continue
                 kind = type(module).__name__
                 for name, param in module.named_parameters(recurse=False):
-                    tensor = local_part(param.detach()).float()
+                    whole = held_whole(param.detach())
+                    if whole is None:  # a shard: rank-dependent, left out
+                        continue
+                    tensor = whole.float()
                     if kind in ("RNN", "RNNCell") and name.startswith("weight_hh"):
                         hidden = tensor.shape[-1]
                         if tensor.shape[0] == hidden <= _MAX_EIG_SIZE:
@@ -245,9 +252,14 @@ class ModelProfile:
                             orthogonal.append(_is_orthogonal(tensor))
                     if kind in ("LSTM", "LSTMCell") and name.startswith("bias_ih"):
                         partner = getattr(module, name.replace("bias_ih", "bias_hh"), None)
-                        gate = tensor.reshape(4, -1)[1]  # gates are ordered input, forget, cell, output
+                        gate = tensor.reshape(4, -1)[
+                            1
+                        ]  # gates are ordered input, forget, cell, output
                         if isinstance(partner, torch.Tensor):
-                            gate = gate + local_part(partner.detach()).float().reshape(4, -1)[1]
+                            partner_whole = held_whole(partner.detach())
+                            if partner_whole is None:
+                                continue
+                            gate = gate + partner_whole.float().reshape(4, -1)[1]
                         forget.append(float(gate.mean()))
         if radii:
             self.recurrent_radius = max(radii)
@@ -332,7 +344,7 @@ def _saturation(profile: ModelProfile, named: set[str]) -> list[str]:
     if saturating:
         out.append(f"replace {_join(saturating)} with ReLU/GELU")
     if not profile.has_norm and not profile.recurrent:
-        out.append("add BatchNorm/LayerNorm before the activations")
+        out.append("add BatchNorm/LayerNorm")
     if profile.xavier_ratio is not None and profile.xavier_ratio > _INIT_TOO_LARGE:
         out.append("shrink the initial weights to Xavier (Glorot) scale")
     out.append(_lower_lr(profile))
@@ -440,9 +452,15 @@ def _is_residual_block(module: nn.Module) -> bool:
     return not type(module).__module__.startswith("torch.") and _forward_adds_input(type(module))
 
 
-@functools.lru_cache(maxsize=512)
 def _forward_adds_input(module_class: type[nn.Module]) -> bool:
-    """Whether ``forward``'s source adds its input (or a skip-named variable) to a computed value."""
+    """Whether ``forward``'s source adds its input (or a skip-named name) to a computed value."""
+    known = _ADDS_INPUT.get(module_class)
+    if known is None:
+        known = _ADDS_INPUT[module_class] = _source_adds_input(module_class)
+    return known
+
+
+def _source_adds_input(module_class: type[nn.Module]) -> bool:
     try:
         source = textwrap.dedent(pyinspect.getsource(module_class.forward))
         tree = ast.parse(source)
@@ -454,21 +472,31 @@ def _forward_adds_input(module_class: type[nn.Module]) -> bool:
     arguments = [a.arg for a in function.args.args[1:2]]  # the first argument after self
     skip_names = _SKIP_NAMES | set(arguments)
     for node in ast.walk(function):
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-            if _skip_pair(node.left, node.right, skip_names):
-                return True
-        if isinstance(node, ast.AugAssign) and isinstance(node.op, ast.Add):
-            if _is_name(node.value, skip_names) or (
-                _is_name(node.target, skip_names) and _has_call(node.value)
-            ):
-                return True
+        if (
+            isinstance(node, ast.BinOp)
+            and isinstance(node.op, ast.Add)
+            and _skip_pair(node.left, node.right, skip_names)
+        ):
+            return True
+        if (
+            isinstance(node, ast.AugAssign)
+            and isinstance(node.op, ast.Add)
+            and (
+                _is_name(node.value, skip_names)
+                or (_is_name(node.target, skip_names) and _has_call(node.value))
+            )
+        ):
+            return True
     return False
 
 
 def _skip_pair(left: ast.expr, right: ast.expr, skip_names: set[str] | frozenset[str]) -> bool:
-    return (_is_name(left, skip_names) and _has_call(right)) or (
-        _is_name(right, skip_names) and _has_call(left)
-    ) or _is_name(left, _SKIP_NAMES) or _is_name(right, _SKIP_NAMES)
+    return (
+        (_is_name(left, skip_names) and _has_call(right))
+        or (_is_name(right, skip_names) and _has_call(left))
+        or _is_name(left, _SKIP_NAMES)
+        or _is_name(right, _SKIP_NAMES)
+    )
 
 
 def _is_name(node: Any, names: set[str] | frozenset[str]) -> bool:

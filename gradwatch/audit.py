@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 
 from gradwatch.advice import DEEP_LAYERS, RELU_LIKE, ModelProfile, advise
 from gradwatch.alerts import Alert, AlertKind
+from gradwatch.alerts import logger as alerts_logger
 from gradwatch.layers import Layer, unwrap
 from gradwatch.summary import display_name, format_layers
 from gradwatch.transfer import to_host
@@ -40,9 +41,9 @@ from gradwatch.watch import GradWatch
 VANISHING_RATIO = 1e-3
 """First-layer / last-layer gradient RMS below which the audit reports VANISHING at step 0.
 
-A 30-layer Tanh MLP with PyTorch's default initialisation sits near 1e-7 and a 20-layer Sigmoid MLP
-below 1e-9, while a healthy ReLU + He + BatchNorm MLP stays within a factor of ~10 of 1: three orders
-of magnitude leave a wide margin on both sides.
+A 30-layer Tanh MLP with PyTorch's default initialisation sits near 1e-8 and a 20-layer Sigmoid
+MLP near 1e-17, while a healthy ReLU + He + BatchNorm MLP stays within a factor of ~10 of 1: three
+orders of magnitude leave a wide margin on both sides.
 """
 
 _HE_TOO_SMALL = 0.7  # weights below this fraction of He scale shrink ReLU signals layer by layer
@@ -83,8 +84,8 @@ class AuditReport:
         model: Class name of the model.
         loss: The loss of the audit step.
         layers: Per-layer picture, in forward order.
-        alerts: Alerts of the audit step (detectors plus the single-step vanishing check), with advice
-            fitted to the model.
+        alerts: Alerts of the audit step (detectors plus the single-step vanishing check), with
+            advice fitted to the model.
         findings: Risks read from the model's structure (depth, activations, initialisation...).
         profile: What the model contains.
         first_last_ratio: First-layer over last-layer gradient RMS (NaN when undefined).
@@ -156,7 +157,8 @@ def audit(
 
     The model runs in training mode on ``example_input``; gradients, buffers, train/eval modes and
     the RNG state are restored afterwards and every hook is removed, so the model is exactly as it
-    was (lazy modules excepted: they materialise).
+    was (lazy modules excepted: they materialise). The alerts are returned in the report, not sent
+    to the ``gradwatch`` logger.
 
     Example:
         >>> net = torch.nn.Sequential(*[m for _ in range(30)
@@ -166,7 +168,7 @@ def audit(
         'vanishing'
 
     Args:
-        model: The model (``DistributedDataParallel``/``torch.compile`` wrappers are looked through).
+        model: The model (``DistributedDataParallel``/``torch.compile`` wrappers are unwrapped).
         example_input: One batch: a tensor, a tuple/list of positional arguments, or a dict of
             keyword arguments.
         loss_fn: ``loss_fn(output) -> 0-d tensor``. Default: the mean square of the output
@@ -188,7 +190,7 @@ def audit(
         raise TypeError(f"loss_fn must be callable or None, got {loss_fn!r}")
     model = unwrap(model)
     compute_loss = loss_fn or default_loss
-    with _untouched(model):
+    with _untouched(model), _alerts_not_logged():
         model.train()
         profile = ModelProfile.inspect(model, optimizer)
         watch = GradWatch(model, log_every_n_steps=1, check_activations=True)
@@ -205,7 +207,8 @@ def audit(
         profile.residual = True
         profile.residual_evidence = (*profile.residual_evidence, f"traced ({skips} skip additions)")
     alerts = [
-        dataclasses.replace(a, advice=advise(a.kind, profile, layers=a.layers)) for a in watch.alerts
+        dataclasses.replace(a, advice=advise(a.kind, profile, layers=a.layers))
+        for a in watch.alerts
     ]
     first_last = rows[0].rms_ratio if rows else float("nan")
     static = _vanishing_alert(rows, profile)
@@ -223,7 +226,7 @@ def audit(
 
 
 def default_loss(output: Any) -> torch.Tensor:
-    """The audit's default loss: mean square of every floating-point tensor in ``output``, summed."""
+    """The audit's default loss: mean square of each floating-point tensor of ``output``, summed."""
     tensors = [t for t in _tensors(output) if t.is_floating_point()]
     if not tensors:
         raise TypeError(
@@ -256,10 +259,21 @@ def _untouched(model: nn.Module) -> Iterator[None]:
             for module, name, buffer, saved in buffers:
                 module._buffers[name] = buffer
                 buffer.copy_(saved)
-        for param, grad in zip(params, grads):
+        for param, grad in zip(params, grads, strict=True):
             param.grad = grad
         for module, mode in modes:
             module.training = mode
+
+
+@contextlib.contextmanager
+def _alerts_not_logged() -> Iterator[None]:
+    """Keeps the audit's alerts off the ``gradwatch`` logger: they are in the report."""
+    previous = alerts_logger.disabled
+    alerts_logger.disabled = True
+    try:
+        yield
+    finally:
+        alerts_logger.disabled = previous
 
 
 def _call(model: nn.Module, example_input: Any) -> Any:
@@ -290,7 +304,9 @@ def _layer_rows(layers: list[Layer]) -> list[LayerAudit]:
         for layer in layers:
             grads = [p.grad for p in layer.params if p.grad is not None]
             grad_sq = (
-                torch.stack([g.float().pow(2).sum().to(layers[0].params[0].device) for g in grads]).sum()
+                torch.stack(
+                    [g.float().pow(2).sum().to(layers[0].params[0].device) for g in grads]
+                ).sum()
                 if grads
                 else torch.tensor(float("nan"), device=layers[0].params[0].device)
             )
@@ -301,7 +317,7 @@ def _layer_rows(layers: list[Layer]) -> list[LayerAudit]:
         host = to_host([torch.stack(values)])[0]
     rows = []
     last_rms = math.sqrt(float(host[-1, 0])) / math.sqrt(max(layers[-1].numel, 1))
-    for layer, (grad_sq, weight_sq) in zip(layers, host):
+    for layer, (grad_sq, weight_sq) in zip(layers, host, strict=True):
         grad_norm = math.sqrt(float(grad_sq)) if grad_sq >= 0 else float(grad_sq)
         rms = grad_norm / math.sqrt(max(layer.numel, 1))
         rows.append(
@@ -320,10 +336,12 @@ def _layer_rows(layers: list[Layer]) -> list[LayerAudit]:
 
 def _vanishing_alert(rows: list[LayerAudit], profile: ModelProfile) -> Alert | None:
     """The single-step VANISHING check: first-layer gradient RMS far below the last layer's."""
-    if len(rows) < 2 or rows[-1].weight_norm == 0 or not rows[0].rms_ratio < VANISHING_RATIO:
-        return None  # a zero-initialised last layer blocks every gradient at step 0: not vanishing
+    if len(rows) < 2 or rows[0].grad_norm == 0 or not rows[0].rms_ratio < VANISHING_RATIO:
+        return None  # an exactly zero gradient is blocked (zero-initialised layer), not vanishing
     starving = []
     for row in rows:
+        if row.grad_norm == 0:  # blocked behind a zero-initialised layer: no evidence either way
+            continue
         if not row.rms_ratio < VANISHING_RATIO:
             break
         starving.append(row.name)
@@ -352,8 +370,9 @@ def _findings(profile: ModelProfile, rows: list[LayerAudit]) -> list[str]:
     plain = not profile.has_norm and not profile.residual
     if deep and plain and profile.saturating:
         out.append(
-            f"{profile.weight_layers} Linear/Conv layers with {'/'.join(sorted(profile.saturating))} "
-            "and neither normalisation nor residual connections: gradients shrink layer by layer"
+            f"{profile.weight_layers} Linear/Conv layers with "
+            f"{'/'.join(sorted(profile.saturating))} and neither normalisation nor residual "
+            "connections: gradients shrink layer by layer"
         )
     he = profile.he_ratio
     if he is not None and not profile.has_norm:
@@ -373,13 +392,14 @@ def _findings(profile: ModelProfile, rows: list[LayerAudit]) -> list[str]:
             f"the recurrent matrix has spectral radius {radius:.2g} > 1: gradients grow "
             "exponentially through time"
         )
-    if rows and rows[-1].weight_norm == 0:
-        out.append(
-            f"the last layer ({display_name(rows[-1].name)}) is zero-initialised: earlier layers "
-            "get no gradient at the first step, so the single-step vanishing check was skipped"
-        )
-    elif rows and all(row.grad_norm == 0 for row in rows):
+    if rows and all(row.grad_norm == 0 for row in rows):
         out.append("every gradient is zero: check that the loss depends on the output (loss_fn)")
+    elif rows and rows[0].grad_norm == 0:
+        out.append(
+            f"the first layer ({display_name(rows[0].name)}) gets an exactly zero gradient: a "
+            "zero-initialised layer after it blocks the gradient at the first step, so the "
+            "single-step vanishing check was skipped"
+        )
     return out
 
 
@@ -452,7 +472,11 @@ class _SkipTracer(TorchFunctionMode):
         return hook
 
     def __torch_function__(
-        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
         if getattr(func, "__name__", "") in _ADD_FUNCTIONS and len(args) >= 2:

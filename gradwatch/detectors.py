@@ -24,7 +24,7 @@ from torch import nn
 from gradwatch.alerts import AlertKind
 from gradwatch.step import Detection, StepObservation, WatchContext
 
-# ---------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Thresholds: the one place where gradwatch's default sensitivities are decided.
 #
 # The "measured" figures come from the models of tests/zoo.py trained for 150 steps with SGD or Adam
@@ -44,8 +44,8 @@ batch never fires it; short enough to fire within the first few dozen steps."""
 EXPLODING_RATIO = 50.0
 """Exploding: per-layer gradient norm over weight norm (both per element, RMS). Healthy models reach
 ~7 in their first steps (and less later); a tanh Elman RNN with recurrent spectral radius 3 over 30
-steps gives ~180 at step 0. At 50 a single SGD step with learning rate 0.02 would replace the weights
-entirely."""
+steps gives ~180 at step 0. At 50 a single SGD step with learning rate 0.02 would replace the
+weights entirely."""
 
 EXPLODING_WEIGHT_FLOOR = 0.1
 """Exploding: the weight RMS a layer is compared with is at least this fraction of the median weight
@@ -96,7 +96,7 @@ STAGNATION_PATIENCE = 3
 threshold: one quiet update (e.g. a learning-rate warm-up at 0) is not stagnation."""
 
 
-# ---------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 
 class Detector:
@@ -170,7 +170,9 @@ class VanishingDetector(Detector):
         super().bind(context)
         device = context.device
         sparse = (nn.Embedding, nn.EmbeddingBag)
-        eligible = [i for i, layer in enumerate(context.layers) if not isinstance(layer.module, sparse)]
+        eligible = [
+            i for i, layer in enumerate(context.layers) if not isinstance(layer.module, sparse)
+        ]
         quarter = max(1, len(eligible) // 4)
         groups = torch.zeros(2, context.num_layers, device=device)
         if len(eligible) >= 2:
@@ -200,9 +202,9 @@ class VanishingDetector(Detector):
 
     def message(self, value: float, layers: tuple[str, ...]) -> str:
         return (
-            f"gradients vanish toward the input: the first layers' gradient RMS is {value:.1e} times "
-            f"the last layers' (threshold {self.threshold:.0e}) for {self.patience} steps in a row; "
-            f"{_names(layers)} barely learn"
+            "gradients vanish toward the input: the first layers' gradient RMS is "
+            f"{value:.1e} times the last layers' (threshold {self.threshold:.0e}) for "
+            f"{self.patience} steps in a row; {_names(layers)} barely learn"
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -218,9 +220,9 @@ class ExplodingDetector(Detector):
 
     Per layer, gradient RMS over weight RMS (the weight norms the watch refreshes at step 0 and at
     every flush). A layer's weight RMS is floored at ``weight_floor`` times the model's median, so
-    zero-initialised layers are neither divided by zero nor by their first tiny updates. Fires at the
-    very first step where a layer's ratio exceeds ``ratio``; invalid steps (NaN/Inf, AMP overflow)
-    belong to the non-finite detector.
+    zero-initialised layers are neither divided by zero nor by their first tiny updates. Fires at
+    the very first step where a layer's ratio exceeds ``ratio``; invalid steps (NaN/Inf, AMP
+    overflow) belong to the non-finite detector.
 
     Args:
         ratio: Gradient/weight RMS ratio above which gradients explode.
@@ -320,7 +322,9 @@ class SpikeDetector(Detector):
         sample = torch.where(warm, torch.minimum(log_norm, limit), log_norm)
         delta = sample - self._mean
         self._mean = torch.where(present, self._mean + weight * delta, self._mean)
-        self._var = torch.where(present, (1 - weight) * (self._var + weight * delta * delta), self._var)
+        self._var = torch.where(
+            present, (1 - weight) * (self._var + weight * delta * delta), self._var
+        )
         self._count = self._count + present.float()
         value = torch.where(spiking, deviation, -torch.inf).amax().exp()
         jumped = fired & present[:num_layers] & warm[:num_layers]
@@ -336,7 +340,11 @@ class SpikeDetector(Detector):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mean": self._mean.tolist(), "var": self._var.tolist(), "count": self._count.tolist()}
+        return {
+            "mean": self._mean.tolist(),
+            "var": self._var.tolist(),
+            "count": self._count.tolist(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("mean", "var", "count"):
@@ -409,9 +417,9 @@ class SaturationDetector(Detector):
     """Sigmoid/tanh-like outputs stuck in their flat regions (needs ``check_activations=True``).
 
     Reads the per-module fraction of outputs within :data:`SATURATION_MARGIN` of a bound of the
-    activation's range, measured by the :class:`~gradwatch.activations.ActivationMonitor`. Fires once
-    a module's fraction stayed above ``fraction`` for ``patience`` consecutive steps with a forward
-    pass. Candidates are the hooked activation modules.
+    activation's range, measured by the :class:`~gradwatch.activations.ActivationMonitor`. Fires
+    once a module's fraction stayed above ``fraction`` for ``patience`` consecutive steps with a
+    forward pass. Candidates are the hooked activation modules.
 
     Args:
         fraction: Fraction of saturated outputs above which a module is saturated.
@@ -465,10 +473,10 @@ class SaturationDetector(Detector):
 class DeadUnitsDetector(Detector):
     """ReLU units that never activate over a window (needs ``check_activations=True``).
 
-    Every ``window`` steps reads, per rectifier module, the fraction of units (features or channels)
-    that produced no positive output during the window, then starts a new window. Fires at the end of
-    a window where a module's dead fraction is at least ``fraction``. A resumed run starts a fresh
-    window.
+    Every ``window`` steps reads, per rectifier module, the fraction of units (features or
+    channels) that produced no positive output during the window, then starts a new window. Fires
+    at the end of a window where a module's dead fraction is at least ``fraction``. A resumed run
+    starts a fresh window.
 
     Args:
         fraction: Fraction of dead units at which a module is reported.
@@ -514,7 +522,7 @@ class DeadUnitsDetector(Detector):
 
 
 class StagnationDetector(Detector):
-    """A layer's weights barely change: update/weight ratio tiny, sustained (``track_updates=True``).
+    """A layer's weights barely change: update/weight ratio tiny, sustained (``track_updates``).
 
     Reads ``obs.update_ratio``, the exact ``||Δw|| / ||w||`` of one update that the watch measures
     at every flush. Fires once a layer stayed below ``ratio`` for ``patience`` consecutive
@@ -528,7 +536,9 @@ class StagnationDetector(Detector):
 
     kind = AlertKind.STAGNATION
 
-    def __init__(self, ratio: float = STAGNATION_RATIO, patience: int = STAGNATION_PATIENCE) -> None:
+    def __init__(
+        self, ratio: float = STAGNATION_RATIO, patience: int = STAGNATION_PATIENCE
+    ) -> None:
         _check_fraction("ratio", ratio)
         _check_int("patience", patience, minimum=1)
         self.threshold = ratio
@@ -571,7 +581,9 @@ class StagnationDetector(Detector):
                 getattr(self, f"_{key}").copy_(torch.tensor(values, dtype=torch.float32))
 
 
-def default_detectors(*, check_activations: bool = False, track_updates: bool = False) -> list[Detector]:
+def default_detectors(
+    *, check_activations: bool = False, track_updates: bool = False
+) -> list[Detector]:
     """The detectors ``detectors="default"`` means: vanishing, exploding, spike, non-finite.
 
     With ``check_activations`` the saturation and dead-unit detectors join them, with

@@ -78,6 +78,8 @@ class GradientHistograms:
         layer_index: list[int] = []
         with torch.no_grad():
             for param, grad in zip(params, grads, strict=True):
+                if grad is None:  # dropped by a remedy (the step is skipped)
+                    continue
                 layer = self._layer_of[id(param)]
                 values = _flat_float(grad)
                 if values.numel() == 0:

@@ -31,6 +31,7 @@ class WatchContext:
         probe: The gradient probe (remedies use it to reach the gradients).
         profile: What the model contains, for advice.
         activations: The activation monitor (``check_activations=True``), else None.
+        remedies: The remedies in use (advice never suggests one of them again).
     """
 
     model: nn.Module
@@ -48,9 +49,12 @@ class WatchContext:
         if self._profile is None:
             from gradwatch.advice import ModelProfile
 
-            self._profile = ModelProfile.inspect(self.model, self.optimizer)
+            self._profile = ModelProfile.inspect(
+                self.model, self.optimizer, remedies=self.remedies, scaler=self.scaler
+            )
         return self._profile
     activations: Any = None
+    remedies: tuple[Any, ...] = ()
 
     @property
     def layer_names(self) -> list[str]:

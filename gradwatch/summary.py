@@ -16,7 +16,10 @@ if TYPE_CHECKING:
     from gradwatch.watch import GradWatch
 
 WORST_LAYERS = 3
-"""How many layers the summary lists at each end (smallest and largest gradient norms)."""
+"""How many layers the summary lists at each end (smallest and largest gradient norms).
+
+Fewer with fewer than twice as many layers, so that no layer is listed at both ends.
+"""
 
 _MAX_NAMED_LAYERS = 4
 
@@ -75,7 +78,7 @@ def _norm_lines(
         lines.append(f"  non-finite: {format_layers([names[i] for i in broken])}")
     if len(finite):
         order = finite[np.argsort(latest[finite], kind="stable")]
-        count = min(WORST_LAYERS, len(order))
+        count = max(1, min(WORST_LAYERS, len(order) // 2))  # no overlap unless one layer
         lines.append(f"  smallest: {_layer_values(names, latest, order[:count])}")
         lines.append(f"  largest:  {_layer_values(names, latest, order[::-1][:count])}")
     if len(names) > 1:

@@ -172,9 +172,9 @@ class GradWatch:
 
         Args:
             loss: The step's loss, checked for NaN/Inf (never synced).
-            global_step: This step's number (e.g. Lightning's ``trainer.global_step``) instead of
-                one more than the previous one; numbers should increase. A flush happens at the first
-                step that reaches or passes a multiple of ``log_every_n_steps``.
+            global_step: This step's number (e.g. Lightning's ``trainer.global_step``) instead
+                of one more than the previous one; numbers should increase. A flush happens at the
+                first step that reaches or passes a multiple of ``log_every_n_steps``.
 
         Returns:
             The step's report; ``report.skipped`` tells whether the update must not happen.
@@ -315,6 +315,7 @@ class GradWatch:
             numels=numels.to(device),
             probe=probe,
             activations=self._activations,
+            remedies=tuple(self.remedies),
         )
         self._history = NormHistory(self.window, len(self._layers), device)
         self._rows: list[list[torch.Tensor]] = [[] for _ in self.detectors]
@@ -565,7 +566,7 @@ class GradWatch:
             threshold=float(detector.threshold),
             severity=detector.severity,
             message=detector.message(value, layers),
-            advice=advise(detector.kind, self._context.profile),  # type: ignore[union-attr]
+            advice=advise(detector.kind, self._context.profile, layers=layers),  # type: ignore[union-attr]
         )
         return self._book.record(alert, int(steps[fired[-1]]), len(fired))
 

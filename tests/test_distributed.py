@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import socket
@@ -28,12 +29,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import gradwatch as gw
+from gradwatch.advice import ModelProfile
 from gradwatch.alerts import AlertKind
 from gradwatch.detectors import Detector, default_detectors
 from gradwatch.layers import Layer
 from gradwatch.probe import GradientProbe
 from gradwatch.record import FlushRecord
-from gradwatch.remedies import Remedy
 from gradwatch.sinks.base import Sink
 from gradwatch.step import Detection, StepObservation
 from tests.helpers import count_syncs
@@ -51,7 +52,7 @@ RTOL = 1e-6
 
 
 class UnevenNet(nn.Module):
-    """Parameters FSDP2 shards unevenly over two ranks (dim 0 of 5 and of 1: rank 1 gets empty shards)."""
+    """Parameters FSDP2 shards unevenly over two ranks (rank 1 gets empty shards of size-1 dims)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -93,31 +94,12 @@ class NormAbove(Detector):
         self.threshold = threshold
 
     def observe(self, obs: StepObservation) -> Detection:
-        return Detection(fired=obs.total_norm > self.threshold, value=obs.total_norm, scores=obs.norms)
+        return Detection(
+            fired=obs.total_norm > self.threshold, value=obs.total_norm, scores=obs.norms
+        )
 
     def message(self, value: float, layers: tuple[str, ...]) -> str:
         return f"total gradient norm {value!r} above {self.threshold} in {layers}"
-
-
-class HalveLrOnAlert(Remedy):
-    """Host-deciding: halves the learning rate and skips the update at a step that fired EXPLODING."""
-
-    def apply(self, obs: StepObservation) -> None:
-        if obs.host_flags().get(AlertKind.EXPLODING, False):
-            obs.lr_scale = 0.5
-            obs.skip = True
-
-
-class ClipTo(Remedy):
-    """Total-norm clipping (stand-in for ``gw.ClipNorm`` until it exists)."""
-
-    clips = True
-
-    def __init__(self, max_norm: float) -> None:
-        self.max_norm = max_norm
-
-    def apply(self, obs: StepObservation) -> None:
-        obs.scale_grads((self.max_norm / (obs.total_now + 1e-6)).clamp(max=1.0))  # type: ignore[operator]
 
 
 class RecordingSink(Sink):
@@ -139,11 +121,6 @@ class FileSink(Sink):
     def write(self, record: FlushRecord) -> None:
         with self.path.open("a") as file:
             file.write(f"{record.last_step}\n")
-
-
-def _clip_norm(max_norm: float) -> Remedy:
-    clip_norm = getattr(gw, "ClipNorm", None)
-    return clip_norm(max_norm) if clip_norm is not None else ClipTo(max_norm)
 
 
 # ---------------------------------------------------------------------------- rank-side helpers
@@ -181,6 +158,17 @@ def _count_all_reduces() -> Iterator[list[int]]:
         yield calls
     finally:
         dist.all_reduce = original
+
+
+class ListHandler(logging.Handler):
+    """Keeps the messages logged to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def _report_values(report: gw.StepReport) -> dict[str, Any]:
@@ -234,7 +222,9 @@ def _scenario_fsdp_uneven(rank: int, outdir: Path) -> dict[str, Any]:
         "step_count": watch.step_count,
         "expected_weight_norms": expected_weights,
         "recorded_weight_norms": {
-            record.last_step: dict(zip(record.layer_names, record.weight_norms.tolist()))
+            record.last_step: dict(
+                zip(record.layer_names, record.weight_norms.tolist(), strict=True)
+            )
             for record in sink.records
         },
     }
@@ -253,11 +243,16 @@ def _scenario_fsdp_submodules(rank: int, outdir: Path) -> dict[str, Any]:
         steps.append({"expected": _full_layer_norms(model), "got": watch.last_norms()})
         model.zero_grad()
     watch.close()
-    return {"plain_root": not hasattr(model.scale, "to_local"), "steps": steps}
+    profile = ModelProfile.inspect(model)
+    return {
+        "plain_root": not hasattr(model.scale, "to_local"),
+        "steps": steps,
+        "profile": [profile.he_ratio, profile.xavier_ratio, sorted(profile.init_ratios.items())],
+    }
 
 
 def _scenario_placements(rank: int, outdir: Path) -> dict[str, Any]:
-    """Tensor-parallel style DTensors: uneven Shard(1), Replicate, a 2-D mesh, and a plain tensor."""
+    """Tensor-parallel style DTensors: uneven Shard(1), Replicate, 2-D and sub-meshes, plain."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -268,6 +263,7 @@ def _scenario_placements(rank: int, outdir: Path) -> dict[str, Any]:
         "column_sharded": (torch.randn(4, 5), mesh, [Shard(1)]),  # 5 columns: 3 and 2
         "replicated": (torch.randn(3), mesh, [Replicate()]),
         "hybrid": (torch.randn(3, 2), mesh_2d, [Replicate(), Shard(0)]),
+        "sub_mesh": (torch.randn(3, 2), mesh_2d["tp"], [Shard(0)]),  # one copy per 1-rank group
         "plain": (torch.randn(2), None, None),
     }
     layers = []
@@ -300,7 +296,7 @@ def _scenario_placements(rank: int, outdir: Path) -> dict[str, Any]:
 def _scenario_fsdp_clip(rank: int, outdir: Path) -> dict[str, Any]:
     """ClipNorm under FSDP2 clips the global gradient norm, identically on every rank."""
     model = _sharded_net(root=True)
-    watch = gw.GradWatch(model, log_every_n_steps=1, detectors=(), remedies=[_clip_norm(MAX_NORM)])
+    watch = gw.GradWatch(model, log_every_n_steps=1, detectors=(), remedies=[gw.ClipNorm(MAX_NORM)])
     model(_batch(0, rank)).pow(2).mean().backward()
     before = math.sqrt(sum(v * v for v in _full_layer_norms(model).values()))
     report = watch.step()
@@ -310,6 +306,32 @@ def _scenario_fsdp_clip(rank: int, outdir: Path) -> dict[str, Any]:
         "before": before,
         "after_total": math.sqrt(sum(v * v for v in after.values())),
         "report": _report_values(report),
+    }
+
+
+def _scenario_fsdp_matches_one_process(rank: int, outdir: Path) -> dict[str, Any]:
+    """AGC then ClipNorm under FSDP2 leave the gradients one process leaves on the whole batch."""
+
+    def remedies() -> list[gw.Remedy]:
+        return [gw.AGC(clipping=0.05, exclude=("vectors",)), gw.ClipNorm(0.5)]
+
+    torch.manual_seed(0)
+    reference = UnevenNet()
+    model = _sharded_net(root=True)  # same seed: same initial weights
+    watch = gw.GradWatch(model, log_every_n_steps=1, detectors=(), remedies=remedies())
+    reference_watch = gw.GradWatch(
+        reference, log_every_n_steps=1, detectors=(), remedies=remedies()
+    )
+    model(_batch(0, rank)).pow(2).mean().backward()  # FSDP2 averages the two ranks' gradients
+    reference(torch.cat([_batch(0, r) for r in range(WORLD_SIZE)])).pow(2).mean().backward()
+    report, reference_report = watch.step(), reference_watch.step()
+    grads = {name: _full(p.grad).tolist() for name, p in model.named_parameters()}  # type: ignore[arg-type]
+    reference_grads = {name: p.grad.tolist() for name, p in reference.named_parameters()}  # type: ignore[union-attr]
+    return {
+        "grads": grads,
+        "reference_grads": reference_grads,
+        "clip_coef": float(report.clip_coef),  # type: ignore[arg-type]
+        "reference_clip_coef": float(reference_report.clip_coef),  # type: ignore[arg-type]
     }
 
 
@@ -326,23 +348,29 @@ def _scenario_fsdp_decisions(rank: int, outdir: Path) -> dict[str, Any]:
         logdir=logdir if tensorboard else None,
         log_every_n_steps=3,
         detectors=[*default_detectors(), NormAbove(threshold=20.0)],
-        remedies=[HalveLrOnAlert(), _clip_norm(1e3)],
+        remedies=[gw.SkipStep(on=("exploding",)), gw.LRBackoff(), gw.ClipNorm(1e3)],
         on_alert=lambda alert: callbacks.append(repr(alert)),
         sinks=[FileSink(outdir / f"flushes-rank{rank}.txt")],
     )
     reports = []
-    for step in range(6):
-        loss = model(_batch(step, rank)).pow(2).mean()
-        (loss * (1e4 if step in SPIKE_STEPS else 1.0)).backward()
-        reports.append(_report_values(watch.step(loss)))
-        optimizer.step()
-        optimizer.zero_grad()
-    watch.close()
+    logged = ListHandler()
+    logging.getLogger("gradwatch").addHandler(logged)
+    try:
+        for step in range(6):
+            loss = model(_batch(step, rank)).pow(2).mean()
+            (loss * (1e4 if step in SPIKE_STEPS else 1.0)).backward()
+            reports.append(_report_values(watch.step(loss)))
+            optimizer.step()
+            optimizer.zero_grad()
+        watch.close()
+    finally:
+        logging.getLogger("gradwatch").removeHandler(logged)
     return {
         "reports": reports,
         "alerts": [repr(alert) for alert in watch.alerts],
         "alert_steps": [alert.step for alert in watch.alerts if alert.kind is AlertKind.EXPLODING],
         "callbacks": callbacks,
+        "logged": logged.messages,
         "history": {name: values.tolist() for name, values in watch.history().items()},
         "tensorboard": tensorboard,
         "pid": os.getpid(),
@@ -350,7 +378,7 @@ def _scenario_fsdp_decisions(rank: int, outdir: Path) -> dict[str, Any]:
 
 
 def _scenario_ddp(rank: int, outdir: Path) -> dict[str, Any]:
-    """DDP: norms of the averaged gradients, no gradwatch communication, single-process reference."""
+    """DDP: norms of the averaged gradients, no gradwatch communication, one-process reference."""
     from torch.nn.parallel import DistributedDataParallel
 
     torch.manual_seed(0)
@@ -393,6 +421,7 @@ SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
     "fsdp_submodules": _scenario_fsdp_submodules,
     "placements": _scenario_placements,
     "fsdp_clip": _scenario_fsdp_clip,
+    "fsdp_matches_one_process": _scenario_fsdp_matches_one_process,
     "fsdp_decisions": _scenario_fsdp_decisions,
     "ddp": _scenario_ddp,
 }
@@ -403,18 +432,14 @@ def _worker(rank: int, port: int, outdir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60)
-    )
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
     results: dict[str, Any] = {}
     try:
         for name, scenario in SCENARIOS.items():
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
-                    start = time.perf_counter()
                     results[name] = scenario(rank, Path(outdir))
-                    results[name]["seconds"] = time.perf_counter() - start
                 except Exception:
                     results[name] = {"error": traceback.format_exc()}
                     break  # the other rank is now out of step: stop both (its collective times out)
@@ -438,7 +463,11 @@ def spawn_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Runs the two ranks once for the whole module; returns the directory they wrote to."""
     outdir = tmp_path_factory.mktemp("distributed")
     context = mp.start_processes(
-        _worker, args=(_free_port(), str(outdir)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+        _worker,
+        args=(_free_port(), str(outdir)),
+        nprocs=WORLD_SIZE,
+        join=False,
+        start_method="spawn",
     )
     deadline = time.monotonic() + SPAWN_DEADLINE_S
     while not context.join(timeout=5):
@@ -456,7 +485,9 @@ def ranks(spawn_dir: Path) -> list[dict[str, Any]]:
 
 
 def _scenario(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    per_rank = [results.get(name, {"error": "not run (an earlier scenario failed)"}) for results in ranks]
+    per_rank = [
+        results.get(name, {"error": "not run (an earlier scenario failed)"}) for results in ranks
+    ]
     for rank, result in enumerate(per_rank):
         assert "error" not in result, f"rank {rank}: {result['error']}"
         assert result["warnings"] == [], f"rank {rank} warned: {result['warnings']}"
@@ -464,12 +495,14 @@ def _scenario(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 
 
 def _assert_norms_close(got: dict[str, float], expected: dict[str, float]) -> None:
-    assert list(got) == list(expected) or set(got) == set(expected)
+    assert set(got) == set(expected)
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, rel=RTOL, abs=1e-9), name
 
 
-def test_fsdp2_uneven_shards_give_the_norms_of_the_full_gradients(ranks: list[dict[str, Any]]) -> None:
+def test_fsdp2_uneven_shards_give_the_norms_of_the_full_gradients(
+    ranks: list[dict[str, Any]],
+) -> None:
     per_rank = _scenario(ranks, "fsdp_uneven")
     assert per_rank[0]["layer_names"] == per_rank[1]["layer_names"]
     assert set(per_rank[0]["layer_names"]) == {"", "fc1", "fc2"}  # original paths, root included
@@ -480,7 +513,7 @@ def test_fsdp2_uneven_shards_give_the_norms_of_the_full_gradients(ranks: list[di
             _assert_norms_close(step["got"], step["expected"])
             total = math.sqrt(sum(v * v for v in step["expected"].values()))
             assert step["total_norm"] == pytest.approx(total, rel=RTOL)
-    for step0, step1 in zip(per_rank[0]["steps"], per_rank[1]["steps"]):
+    for step0, step1 in zip(per_rank[0]["steps"], per_rank[1]["steps"], strict=True):
         assert step0["got"] == step1["got"]  # bit-identical on both ranks
 
 
@@ -502,13 +535,33 @@ def test_fsdp2_weight_norms_are_those_of_the_full_weights(ranks: list[dict[str, 
         _assert_norms_close(recorded[str(step)], rank0["expected_weight_norms"][step])
 
 
-def test_fsdp2_on_submodules_weights_plain_root_parameters_once(ranks: list[dict[str, Any]]) -> None:
+def test_fsdp2_on_submodules_weights_plain_root_parameters_once(
+    ranks: list[dict[str, Any]],
+) -> None:
     per_rank = _scenario(ranks, "fsdp_submodules")
     for result in per_rank:
         assert result["plain_root"]
         for step in result["steps"]:
             _assert_norms_close(step["got"], step["expected"])
     assert per_rank[0]["steps"] == per_rank[1]["steps"]
+
+
+def test_model_profile_is_the_same_on_every_rank(ranks: list[dict[str, Any]]) -> None:
+    rank0, rank1 = _scenario(ranks, "fsdp_submodules")
+    assert (
+        rank0["profile"] == rank1["profile"]
+    )  # advice must not depend on which shard a rank holds
+
+
+def test_remedies_under_fsdp2_leave_the_gradients_of_one_process(
+    ranks: list[dict[str, Any]],
+) -> None:
+    for result in _scenario(ranks, "fsdp_matches_one_process"):
+        assert result["reference_clip_coef"] < 0.5  # both remedies really act
+        assert result["clip_coef"] == pytest.approx(result["reference_clip_coef"], rel=1e-5)
+        for name, reference in result["reference_grads"].items():
+            got = torch.tensor(result["grads"][name])
+            assert torch.allclose(got, torch.tensor(reference), rtol=1e-5, atol=1e-7), name
 
 
 def test_tensor_parallel_placements_count_every_element_once(ranks: list[dict[str, Any]]) -> None:
@@ -530,10 +583,18 @@ def test_alerts_and_decisions_are_identical_on_every_rank(ranks: list[dict[str, 
     rank0, rank1 = _scenario(ranks, "fsdp_decisions")
     assert rank0["alert_steps"][:1] == [SPIKE_STEPS[0]]
     assert rank0["alerts"] == rank1["alerts"]
-    assert rank0["callbacks"] == rank1["callbacks"] == rank0["alerts"]  # on_alert runs on every rank
+    assert (
+        rank0["callbacks"] == rank1["callbacks"] == rank0["alerts"]
+    )  # on_alert runs on every rank
     assert rank0["reports"] == rank1["reports"]
     assert [r["skipped"] for r in rank0["reports"]] == [s in SPIKE_STEPS for s in range(6)]
     assert rank0["history"] == rank1["history"]
+
+
+def test_only_rank_zero_prints(ranks: list[dict[str, Any]]) -> None:
+    rank0, rank1 = _scenario(ranks, "fsdp_decisions")
+    assert len(rank0["logged"]) >= len(rank0["alerts"]) > 0
+    assert rank1["logged"] == []
 
 
 def test_only_rank_zero_writes(ranks: list[dict[str, Any]], spawn_dir: Path) -> None:
@@ -548,7 +609,9 @@ def test_only_rank_zero_writes(ranks: list[dict[str, Any]], spawn_dir: Path) -> 
     assert {int(path.name.split(".")[-2]) for path in event_files} == {rank0["pid"]}
 
 
-def test_ddp_norms_match_a_single_process_on_the_combined_batch(ranks: list[dict[str, Any]]) -> None:
+def test_ddp_norms_match_a_single_process_on_the_combined_batch(
+    ranks: list[dict[str, Any]],
+) -> None:
     per_rank = _scenario(ranks, "ddp")
     for result in per_rank:
         assert set(result["layer_names"]) == {"", "fc1", "fc2"}  # "module." prefix looked through

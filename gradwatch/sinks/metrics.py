@@ -11,8 +11,7 @@ from typing import Any
 
 from gradwatch.record import FlushRecord
 from gradwatch.sinks.base import Sink
-
-ROOT_LAYER_TAG = "<root>"
+from gradwatch.sinks.tensorboard import ROOT_NAME
 
 
 class LoggerMetricsSink(Sink):
@@ -68,7 +67,7 @@ class LoggerMetricsSink(Sink):
             families.append(("update_ratio", record.update_ratios))
         for family, values in families:
             for name, value in zip(record.layer_names, values, strict=True):
-                metrics[self._tag(family, layer_tag(name))] = float(value)
+                metrics[self._tag(family, name or ROOT_NAME)] = float(value)
         for kind, count in record.alert_counts.items():
             if self._alert_counts.get(kind) != count:
                 metrics[self._tag("alerts", kind)] = float(count)
@@ -77,8 +76,3 @@ class LoggerMetricsSink(Sink):
 
     def _tag(self, *parts: str) -> str:
         return "/".join((self.prefix, *parts))
-
-
-def layer_tag(name: str) -> str:
-    """How a layer name appears in a tag: the module path, ``<root>`` for the root module."""
-    return name or ROOT_LAYER_TAG

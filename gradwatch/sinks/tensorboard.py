@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import os
 import queue
 import struct
 import threading
+import time
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -106,6 +108,8 @@ class TensorBoardSink(Sink):
             so the image always spans the whole run.
         use_matplotlib: Labelled gradient-flow plot with matplotlib (None: when importable), or a
             plain colour map (False).
+        image_interval: Minimum seconds between two gradient-flow images (drawing one takes tens
+            of milliseconds); the last flush before :meth:`close` always gets one.
         queue_size: Records the background queue holds before :meth:`write` waits.
 
     Raises:
@@ -120,6 +124,7 @@ class TensorBoardSink(Sink):
         background: bool = True,
         flow_columns: int = 256,
         use_matplotlib: bool | None = None,
+        image_interval: float = 5.0,
         queue_size: int = 16,
     ) -> None:
         if (logdir is None) == (writer is None):
@@ -128,15 +133,22 @@ class TensorBoardSink(Sink):
             raise ValueError(f"flow_columns must be >= 2, got {flow_columns}")
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        if not image_interval >= 0:
+            raise ValueError(f"image_interval must be >= 0 seconds, got {image_interval}")
         self._owns_writer = writer is None
         self._writer: Any = writer
         self._error: BaseException | None = None
         self._failure_reported = False
         self._closed = False
         self._flow = GradientFlow(flow_columns)
-        self._use_matplotlib = _matplotlib_available() if use_matplotlib is None else use_matplotlib
+        matplotlib_wanted = _matplotlib_available() if use_matplotlib is None else use_matplotlib
+        self._plot = _FlowPlot() if matplotlib_wanted else None
+        self._image_interval = image_interval
+        self._image_due_step: int | None = None  # the newest step not yet in an image
+        self._last_image_time = -math.inf
         self._layout_written = False
         self._alert_counts: dict[str, int] = {}
+        self._flow_names: list[str] = []
         self._tags: dict[tuple[str, ...], dict[str, list[str]]] = {}
         if writer is None:
             try:
@@ -174,6 +186,7 @@ class TensorBoardSink(Sink):
             return
         if self._queue is None:
             self._write_guarded(record)
+            self._write_image_guarded(final=False)
             self._raise_if_failed()
             return
         try:
@@ -200,14 +213,10 @@ class TensorBoardSink(Sink):
         if self._closed:
             return
         self._closed = True
-        if self._thread is not None and self._queue is not None:
-            atexit.unregister(self._close_at_exit)
-            self._queue.put(_STOP)
-            self._thread.join(timeout=_CLOSE_TIMEOUT_S)
-            if self._thread.is_alive() and self._error is None:
-                self._error = RuntimeError(
-                    f"the TensorBoard writer did not finish within {_CLOSE_TIMEOUT_S:.0f} s"
-                )
+        if self._thread is not None:
+            self._stop_worker()
+        else:
+            self._write_image_guarded(final=True)
         if self._error is None:
             try:
                 _call_if_present(self._writer, "close" if self._owns_writer else "flush")
@@ -217,16 +226,38 @@ class TensorBoardSink(Sink):
 
     # ------------------------------------------------------------------ the writing thread
 
+    def _stop_worker(self) -> None:
+        """Lets the worker write what is queued (or discard it after a failure) and end."""
+        thread, records = self._thread, self._queue
+        if thread is None or records is None:
+            return
+        self._thread = None
+        atexit.unregister(self._close_at_exit)
+        records.put(_STOP)
+        thread.join(timeout=_CLOSE_TIMEOUT_S)
+        if thread.is_alive() and self._error is None:
+            self._error = RuntimeError(
+                f"the TensorBoard writer did not finish within {_CLOSE_TIMEOUT_S:.0f} s"
+            )
+
     def _run(self, records: queue.Queue[Any]) -> None:
-        while True:
-            item = records.get()
+        """Writes what is queued; one gradient-flow image per batch of queued records at most."""
+        stop = False
+        while not stop:
+            batch = [records.get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    batch.append(records.get_nowait())
             try:
-                if item is _STOP:
-                    return
-                if self._error is None:
-                    self._write_guarded(item)
+                for item in batch:
+                    if item is _STOP:
+                        stop = True
+                    else:
+                        self._write_guarded(item)
+                self._write_image_guarded(final=stop)
             finally:
-                records.task_done()
+                for _ in batch:
+                    records.task_done()
 
     def _close_at_exit(self) -> None:
         try:
@@ -237,14 +268,35 @@ class TensorBoardSink(Sink):
             )
 
     def _write_guarded(self, record: FlushRecord) -> None:
+        if self._error is not None:
+            return
         try:
             self._write_record(record)
         except Exception as error:  # disk full, permission denied, a broken writer...
             self._error = error
 
+    def _write_image_guarded(self, *, final: bool) -> None:
+        """Writes the gradient-flow image if new steps arrived and it is due (or ``final``)."""
+        step = self._image_due_step
+        if self._error is not None or step is None:
+            return
+        if not final and time.monotonic() - self._last_image_time < self._image_interval:
+            return
+        try:
+            image = self._flow.render(self._flow_names, self._plot)
+            if image is not None:
+                _write_events(
+                    self._writer, self._file_writer, {step: [_Entry("image", FLOW_TAG, image)]}
+                )
+            self._image_due_step = None
+            self._last_image_time = time.monotonic()
+        except Exception as error:
+            self._error = error
+
     def _raise_if_failed(self) -> None:
         if self._error is not None and not self._failure_reported:
             self._failure_reported = True
+            self._stop_worker()
             if self._owns_writer:
                 with contextlib.suppress(Exception):  # the first error is the one to report
                     _call_if_present(self._writer, "close")
@@ -256,11 +308,11 @@ class TensorBoardSink(Sink):
         if not self._layout_written:
             self._write_layout()
             self._layout_written = True
-        events = self._events(record)
-        if self._file_writer is not None:
-            _write_protos(self._file_writer, events)
-        else:
-            _write_calls(self._writer, events)
+        _write_events(self._writer, self._file_writer, self._events(record))
+        if len(record.steps):
+            self._flow.add(record.steps, record.grad_norms)
+            self._flow_names = record.layer_names
+            self._image_due_step = int(record.steps[-1])
 
     def _write_layout(self) -> None:
         if self._file_writer is not None:
@@ -315,10 +367,6 @@ class TensorBoardSink(Sink):
         for step, name, histogram in record.histograms:
             tag = hist_tags.get(name, layer_tag("grad_hist", name))
             events.setdefault(int(step), []).append(_Entry("histogram", tag, histogram))
-        self._flow.add(record.steps, record.grad_norms)
-        image = self._flow.render(record.layer_names, self._use_matplotlib)
-        if image is not None:
-            final.append(_Entry("image", FLOW_TAG, image))
         return dict(sorted(events.items()))
 
 
@@ -329,6 +377,13 @@ class _Entry:
     kind: str
     tag: str
     value: Any
+
+
+def _write_events(writer: Any, file_writer: Any, events: dict[int, list[_Entry]]) -> None:
+    if file_writer is not None:
+        _write_protos(file_writer, events)
+    else:
+        _write_calls(writer, events)
 
 
 def _write_protos(file_writer: Any, events: dict[int, list[_Entry]]) -> None:
@@ -434,7 +489,7 @@ class GradientFlow:
         self._columns: list[np.ndarray] = []
         self._pending: list[np.ndarray] = []
         self.first_step: int | None = None
-        self.steps_seen = 0
+        self.last_step = 0
 
     def add(self, steps: np.ndarray, norms: np.ndarray) -> None:
         """Appends ``[k, L]`` per-layer norms of ``k`` consecutive steps numbered ``steps``."""
@@ -443,11 +498,11 @@ class GradientFlow:
             return
         if self.first_step is None:
             self.first_step = int(steps[0])
+        self.last_step = int(steps[-1])
         with np.errstate(divide="ignore", invalid="ignore"):
             logs = np.log10(rows)
         for row in logs:
             self._pending.append(row)
-            self.steps_seen += 1
             if len(self._pending) == self.stride:
                 self._columns.append(_mean_columns(self._pending))
                 self._pending = []
@@ -463,8 +518,13 @@ class GradientFlow:
             return np.zeros((0, 0))
         return np.stack(columns, axis=1)
 
-    def render(self, layer_names: list[str], use_matplotlib: bool) -> np.ndarray | None:
-        """The picture as ``[H, W, 3]`` uint8 (None before the first step)."""
+    def render(self, layer_names: list[str], plot: _FlowPlot | None) -> np.ndarray | None:
+        """The picture as ``[H, W, 3]`` uint8 (None before the first step).
+
+        Args:
+            layer_names: Row labels.
+            plot: Draws a labelled plot; None draws a plain colour map.
+        """
         grid = self.grid()
         if grid.size == 0 or grid.shape[0] != len(layer_names):
             return None
@@ -473,10 +533,10 @@ class GradientFlow:
         if high - low < 1e-6:
             low, high = low - 0.5, high + 0.5
         clipped = np.where(np.isposinf(grid), high, np.where(np.isneginf(grid), low, grid))
-        if use_matplotlib:
+        if plot is not None:
             start = self.first_step or 0
-            span = (start - 0.5 * self.stride, start + self.steps_seen - 0.5 * self.stride)
-            return _render_matplotlib(clipped, layer_names, span, low, high)
+            span = (start - 0.5 * self.stride, self.last_step + 0.5 * self.stride)
+            return plot.draw(clipped, layer_names, span, low, high)
         return _render_plain(clipped, low, high)
 
 
@@ -510,39 +570,57 @@ def _render_plain(grid: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.repeat(np.repeat(rgb, cell_height, axis=0), cell_width, axis=1)
 
 
-def _render_matplotlib(
-    grid: np.ndarray, layer_names: list[str], span: tuple[float, float], low: float, high: float
-) -> np.ndarray:
-    """A labelled heatmap drawn off-screen on matplotlib's Agg canvas (no pyplot state)."""
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+class _FlowPlot:
+    """A labelled heatmap drawn off-screen on matplotlib's Agg canvas (no pyplot state).
 
-    rows = grid.shape[0]
-    figure = Figure(figsize=(8.0, min(2.2 + 0.2 * rows, 14.0)), dpi=80)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    colour_map = matplotlib.colormaps["viridis"].with_extremes(bad="magenta")
-    extent = (span[0], span[1], rows - 0.5, -0.5)
-    image = axes.imshow(
-        np.ma.masked_invalid(grid),
-        aspect="auto",
-        interpolation="nearest",
-        cmap=colour_map,
-        vmin=low,
-        vmax=high,
-        extent=extent,
-    )
-    ticks = list(range(0, rows, max(1, rows // 40)))
-    axes.set_yticks(ticks, [layer_names[i] or ROOT_NAME for i in ticks], fontsize=7)
-    axes.set_xlabel("step")
-    axes.set_ylabel("layer (forward order)")
-    axes.set_title("gradient flow: log10 gradient norm per layer")
-    figure.colorbar(image, ax=axes, label="log10 gradient norm")
-    figure.tight_layout()
-    figure.canvas.draw()
-    rgba = np.asarray(figure.canvas.buffer_rgba())  # type: ignore[attr-defined]
-    return np.ascontiguousarray(rgba[..., :3])
+    The figure is built once per set of layers and only its data, extent and colour limits change
+    from one drawing to the next, which halves the cost of a drawing.
+    """
+
+    def __init__(self) -> None:
+        self._layer_names: list[str] | None = None
+        self._figure: Any = None
+        self._image: Any = None
+
+    def draw(
+        self,
+        grid: np.ndarray,
+        layer_names: list[str],
+        span: tuple[float, float],
+        low: float,
+        high: float,
+    ) -> np.ndarray:
+        """Draws ``grid`` (rows: layers) and returns the pixels as ``[H, W, 3]`` uint8."""
+        if self._layer_names != layer_names:
+            self._build(grid, layer_names)
+        self._image.set_data(np.ma.masked_invalid(grid))
+        self._image.set_extent((span[0], span[1], len(layer_names) - 0.5, -0.5))
+        self._image.set_clim(low, high)
+        self._figure.canvas.draw()
+        rgba = np.asarray(self._figure.canvas.buffer_rgba())
+        return np.ascontiguousarray(rgba[..., :3])
+
+    def _build(self, grid: np.ndarray, layer_names: list[str]) -> None:
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        rows = len(layer_names)
+        figure = Figure(figsize=(8.0, min(2.2 + 0.2 * rows, 14.0)), dpi=80)
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot()
+        colour_map = matplotlib.colormaps["viridis"].with_extremes(bad="magenta")
+        image = axes.imshow(
+            np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest", cmap=colour_map
+        )
+        ticks = list(range(0, rows, max(1, rows // 40)))
+        axes.set_yticks(ticks, [layer_names[i] or ROOT_NAME for i in ticks], fontsize=7)
+        axes.set_xlabel("step")
+        axes.set_ylabel("layer (forward order)")
+        axes.set_title("gradient flow: log10 gradient norm per layer (magenta: NaN/Inf)")
+        figure.colorbar(image, ax=axes, label="log10 gradient norm")
+        figure.tight_layout()
+        self._figure, self._image, self._layer_names = figure, image, list(layer_names)
 
 
 def _matplotlib_available() -> bool:

@@ -1,0 +1,263 @@
+"""Activation monitor and the detectors that read it: saturation, dead units, first NaN output."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch as gw
+from gradwatch.activations import ActivationMonitor
+from gradwatch.detectors import SATURATION_MARGIN
+from tests import zoo
+from tests.helpers import count_syncs
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread (and do not spin against other processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train(
+    model: nn.Module, steps: int, *, lr: float = 0.05, **watch_kwargs: object
+) -> gw.GradWatch:
+    x, y = zoo.regression_data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    watch = gw.GradWatch(model, optimizer, check_activations=True, **watch_kwargs)  # type: ignore[arg-type]
+    for _ in range(steps):
+        index = torch.randint(0, len(x), (32,), generator=generator)
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x[index]), y[index])
+        loss.backward()
+        watch.step(loss=loss)
+        optimizer.step()
+    watch.close()
+    return watch
+
+
+# ----------------------------------------------------------------------------- the monitor
+
+
+def test_monitor_hooks_activation_modules_only_and_removes_its_hooks() -> None:
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.Sigmoid(), nn.Tanh(), nn.ReLU(), nn.GELU(), nn.Identity()
+    )
+    monitor = ActivationMonitor(model)
+    assert monitor.names == ["1", "2", "3", "4"]
+    assert monitor.kinds == ["saturating", "saturating", "rectifier", "other"]
+    assert all(len(model[i]._forward_hooks) == 1 for i in range(1, 5))
+    monitor.remove()
+    assert all(len(module._forward_hooks) == 0 for module in model)
+
+
+def test_saturated_fraction_follows_the_definition_over_every_forward_of_the_step() -> None:
+    model = nn.Sequential(nn.Sigmoid(), nn.Tanh())
+    first = torch.tensor([[-10.0, -1.0, 0.0, 1.0, 10.0]], requires_grad=True)
+    second = torch.tensor([[8.0, 8.0, 8.0, 8.0, 8.0]], requires_grad=True)
+    expected = []
+    for module in model:
+        outputs = []
+        for x in (first, second):  # gradient accumulation: two forwards in one step
+            outputs.append(module(x if module is model[0] else torch.sigmoid(x)))
+        margin = SATURATION_MARGIN
+        y = torch.cat(outputs)
+        flat = (y < margin) | (y > 1 - margin) if module is model[0] else y.abs() > 1 - margin
+        expected.append(flat.float().mean().item())
+    monitor = ActivationMonitor(model)
+    model(first)
+    model(second)
+    stats = monitor.collect()
+    assert stats is not None
+    assert stats.saturated.tolist() == pytest.approx(expected)
+    assert stats.ran.tolist() == [True, True] and stats.nonfinite.tolist() == [False, False]
+    assert monitor.collect() is None  # cleared; no forward since
+
+
+def test_forwards_without_autograd_are_not_recorded() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    monitor = ActivationMonitor(model)
+    with torch.no_grad():
+        model(torch.randn(2, 4))
+    assert monitor.collect() is None
+    assert monitor.dead_fractions() is None
+
+
+def test_dead_fraction_counts_units_that_never_fired_features_and_channels() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(8, 4)
+    conv = nn.Conv2d(1, 4, 3, padding=1)
+    with torch.no_grad():
+        linear.bias[:2] = -100.0  # units 0 and 1 can never fire
+        conv.bias[:1] = -100.0  # channel 0 can never fire
+    dense = nn.Sequential(linear, nn.ReLU())
+    conv_net = nn.Sequential(conv, nn.ReLU())
+    dense_monitor, conv_monitor = ActivationMonitor(dense), ActivationMonitor(conv_net)
+    for _ in range(3):
+        dense(torch.randn(16, 8))
+        conv_net(torch.randn(4, 1, 6, 6))
+    dense_dead, conv_dead = dense_monitor.dead_fractions(), conv_monitor.dead_fractions()
+    assert dense_dead is not None and conv_dead is not None
+    assert dense_dead.tolist() == [0.5] and conv_dead.tolist() == [0.25]
+    assert dense_monitor.dead_fractions() is None  # reset: a new window starts
+
+
+def test_first_nonfinite_output_is_ranked_in_forward_order() -> None:
+    class Backwards(nn.Module):  # registers ``late`` first but runs it last
+        def __init__(self) -> None:
+            super().__init__()
+            self.late = nn.Tanh()
+            self.early = nn.Sigmoid()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.late(self.early(x))
+
+    model = Backwards()
+    monitor = ActivationMonitor(model)
+    model(torch.full((2, 3), float("nan"), requires_grad=True))
+    stats = monitor.collect()
+    assert stats is not None
+    assert monitor.names == ["late", "early"]
+    assert stats.nonfinite.tolist() == [True, True]
+    assert stats.forward_rank.tolist() == [1.0, 0.0]
+
+
+# ----------------------------------------------------------------------------- saturation
+
+
+def _large_init_tanh(scale: float) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = zoo.deep_mlp(nn.Tanh, depth=5)
+    with torch.no_grad():
+        for module in model:
+            if isinstance(module, nn.Linear):
+                module.weight.mul_(scale)
+    return model
+
+
+def test_saturation_fires_on_a_tanh_net_with_a_large_init() -> None:
+    watch = _train(
+        _large_init_tanh(10.0),
+        40,
+        lr=1e-3,
+        detectors=[gw.SaturationDetector()],
+        log_every_n_steps=10,
+    )
+    (alert,) = watch.alerts
+    assert alert.kind is gw.AlertKind.SATURATION and alert.step == 19  # patience 20
+    assert alert.layers[0] in {"1", "3", "5", "7"} and alert.value > 0.5
+    assert "flat regions" in alert.message
+
+
+def test_saturation_stays_quiet_on_a_default_tanh_and_sigmoid_net() -> None:
+    for activation in (nn.Tanh, nn.Sigmoid):
+        torch.manual_seed(0)
+        watch = _train(
+            zoo.deep_mlp(activation, depth=5),
+            60,
+            detectors=[gw.SaturationDetector(), gw.DeadUnitsDetector()],
+            log_every_n_steps=20,
+        )
+        assert watch.alerts == []
+
+
+def test_activation_detectors_without_hooks_warn_and_stay_quiet() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid())
+    watch = gw.GradWatch(model, detectors=[gw.SaturationDetector()], log_every_n_steps=1)
+    model(torch.randn(2, 4)).sum().backward()
+    with pytest.warns(RuntimeWarning, match="check_activations=True"):
+        watch.step()
+    watch.close()
+    assert watch.alerts == []
+
+
+# ----------------------------------------------------------------------------- dead units
+
+
+def test_dead_units_fire_when_a_relu_layer_dies() -> None:
+    torch.manual_seed(0)
+    model = zoo.deep_mlp(nn.ReLU, depth=4)
+    with torch.no_grad():
+        model[2].bias.fill_(-100.0)  # the second hidden layer never fires
+    watch = _train(
+        model, 50, lr=1e-3, detectors=[gw.DeadUnitsDetector(window=25)], log_every_n_steps=25
+    )
+    (alert,) = watch.alerts
+    assert alert.kind is gw.AlertKind.DEAD_UNITS and alert.layers == ("3",)
+    assert alert.step == 24 and alert.value == 1.0
+
+
+def test_dead_units_stay_quiet_on_a_healthy_relu_net() -> None:
+    torch.manual_seed(0)
+    watch = _train(
+        zoo.deep_mlp(nn.ReLU, depth=4),
+        100,
+        lr=1e-2,
+        detectors=[gw.DeadUnitsDetector()],
+        log_every_n_steps=25,
+    )
+    assert watch.alerts == []
+
+
+# ------------------------------------------------------------------------ non-finite activations
+
+
+def test_nonfinite_names_the_first_module_whose_output_is_nonfinite() -> None:
+    torch.manual_seed(0)
+    model = zoo.deep_mlp(nn.Tanh, depth=5)
+    watch = gw.GradWatch(model, check_activations=True, log_every_n_steps=1)
+    x = torch.randn(8, 16)
+    model(x).pow(2).mean().backward()
+    watch.step()
+    with torch.no_grad():
+        model[4].weight[0, 0] = float("nan")  # the third Linear: first bad output at Tanh "5"
+    model.zero_grad()
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    report = watch.step(loss=loss)
+    watch.close()
+    (alert,) = report.alerts
+    assert alert.kind is gw.AlertKind.NONFINITE and alert.step == 1
+    assert alert.layers[:2] == ("5", "7")  # forward origin first, then later outputs
+    assert "forward pass" in alert.message and "'5'" in alert.message
+
+
+# ----------------------------------------------------------------------------- host syncs
+
+
+def test_no_host_sync_between_flushes_with_every_detector() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 32),
+        nn.Sigmoid(),
+        nn.Linear(32, 32),
+        nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.GELU(),
+        nn.Linear(32, 1),
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    watch = gw.GradWatch(
+        model, optimizer, log_every_n_steps=5, check_activations=True, track_updates=True
+    )
+    assert len(watch.detectors) == 7
+    x, y = zoo.regression_data(n=32)
+    per_step = []
+    for _ in range(15):
+        with count_syncs() as counts:
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            watch.step(loss=loss)
+        per_step.append(dict(counts))
+        optimizer.step()
+        optimizer.zero_grad()
+    watch.close()
+    for step, counts in enumerate(per_step):
+        if (step + 1) % 5:
+            assert counts == {}, f"host sync at non-flush step {step}: {counts}"

@@ -1,0 +1,240 @@
+"""Advice fits the model: what ModelProfile.inspect sees, and what advise recommends (or not)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch as gw
+from gradwatch.advice import ModelProfile, advise
+from gradwatch.alerts import AlertKind
+from tests import zoo
+
+VANISHING, EXPLODING, SPIKE = AlertKind.VANISHING, AlertKind.EXPLODING, AlertKind.SPIKE
+
+
+def profile_of(model: nn.Module, **kwargs: object) -> ModelProfile:
+    torch.manual_seed(0)
+    return ModelProfile.inspect(model, **kwargs)  # type: ignore[arg-type]
+
+
+class BasicBlock(nn.Module):
+    """ResNet-style block: the class name and the ``downsample`` child both mark it residual."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.downsample = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.downsample(x)
+
+
+class InplaceSkip(nn.Module):
+    """No telling name: only the source (``out += x``) shows the skip connection."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x)
+        out += x
+        return out
+
+
+class ParallelBranches(nn.Module):
+    """Two branches added together: not a skip connection."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.left = nn.Linear(width, width)
+        self.right = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.left(x) + self.right(x)
+
+
+def test_sigmoid_mlp_gets_the_classic_vanishing_remedies() -> None:
+    advice = advise(VANISHING, profile_of(zoo.deep_mlp(nn.Sigmoid)))
+    assert advice == (
+        "replace Sigmoid with ReLU/GELU",
+        "add BatchNorm/LayerNorm",
+        "use He (Kaiming) initialisation",
+        "add residual (skip) connections",
+    )
+
+
+def test_relu_he_batchnorm_mlp_is_not_told_what_it_already_has() -> None:
+    profile = profile_of(zoo.relu_he_bn_mlp())
+    assert profile.has_norm and profile.he_scaled
+    advice = advise(VANISHING, profile)
+    joined = " ".join(advice)
+    assert "Sigmoid" not in joined and "ReLU/GELU" not in joined
+    assert "BatchNorm" not in joined and "He (Kaiming)" not in joined
+    assert advice == ("add residual (skip) connections",)  # 20 plain layers: the one thing missing
+
+
+def test_residual_network_is_not_told_to_add_residual_connections() -> None:
+    profile = profile_of(zoo.residual_mlp())
+    assert profile.residual
+    assert "add residual (skip) connections" not in advise(VANISHING, profile)
+
+
+def test_plain_rnn_and_lstm_get_different_recurrent_advice() -> None:
+    rnn = advise(EXPLODING, profile_of(zoo.SequenceRegressor("RNN")))
+    lstm = advise(EXPLODING, profile_of(zoo.SequenceRegressor("LSTM")))
+    for item in (
+        "clip gradients (gw.ClipNorm / gw.ZClip)",
+        "use LSTM/GRU",
+        "truncate BPTT (shorter sequences)",
+        "orthogonal init of the recurrent matrix (nn.init.orthogonal_)",
+    ):
+        assert item in rnn
+    assert "use LSTM/GRU" not in lstm
+    assert not any("orthogonal" in item for item in lstm)
+    assert "set the LSTM forget-gate bias to 1" in lstm
+    assert "set the LSTM forget-gate bias to 1" not in rnn
+
+
+def test_orthogonal_recurrent_matrix_with_radius_three_is_told_to_rescale_not_to_reinit() -> None:
+    profile = ModelProfile.inspect(zoo.exploding_rnn(radius=3.0))
+    assert profile.recurrent_orthogonal
+    assert profile.recurrent_radius == pytest.approx(3.0, rel=1e-3)
+    advice = advise(EXPLODING, profile)
+    assert "rescale the recurrent matrix to spectral radius <= 1 (now 3)" in advice
+    assert not any("orthogonal init" in item for item in advice)
+
+
+def test_lstm_with_forget_bias_one_is_not_told_to_set_it() -> None:
+    model = zoo.SequenceRegressor("LSTM", hidden=16)
+    with torch.no_grad():
+        model.rnn.bias_ih_l0[16:32].fill_(1.0)
+        model.rnn.bias_hh_l0[16:32].fill_(0.0)
+    profile = ModelProfile.inspect(model)
+    assert profile.lstm_forget_bias == pytest.approx(1.0)
+    assert "set the LSTM forget-gate bias to 1" not in advise(VANISHING, profile)
+
+
+def test_divergence_advice_quotes_the_current_learning_rate_and_optimizer() -> None:
+    model = zoo.deep_mlp(nn.ReLU, depth=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+    profile = ModelProfile.inspect(model, optimizer)
+    assert advise(SPIKE, profile) == (
+        "lower the learning rate (now 0.0003 for Adam)",
+        "enable gw.ZClip",
+        "enable gw.LRBackoff",
+    )
+    optimizer.param_groups[0]["lr"] = 1e-2  # a scheduler moved it after inspection
+    assert advise(EXPLODING, profile)[0] == "lower the learning rate (now 0.01 for Adam)"
+
+
+def test_learning_rate_is_not_quoted_without_an_optimizer() -> None:
+    advice = advise(SPIKE, profile_of(zoo.deep_mlp(nn.ReLU, depth=3)))
+    assert advice == ("lower the learning rate", "enable gw.ZClip")
+
+
+def test_remedies_already_in_use_are_not_advised() -> None:
+    model = zoo.deep_mlp(nn.ReLU, depth=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    remedies = [gw.ZClip(), gw.SkipStep(), gw.LRBackoff()]
+    profile = ModelProfile.inspect(model, optimizer, remedies=remedies)
+    assert advise(SPIKE, profile) == ("lower the learning rate (now 0.1 for SGD)",)
+    nonfinite = advise(AlertKind.NONFINITE, profile)
+    assert not any("SkipStep" in item or "clip" in item for item in nonfinite)
+    assert "check the loss for log(0) or division by zero (add an eps)" in nonfinite
+
+
+def test_nonfinite_advice_with_half_precision_weights_and_with_a_scaler() -> None:
+    half = ModelProfile.inspect(zoo.deep_mlp(nn.ReLU, depth=3).half())
+    assert half.half_precision
+    assert "keep weights in float32 and train with torch.autocast" in advise(
+        AlertKind.NONFINITE, half
+    )
+    scaled = ModelProfile.inspect(zoo.deep_mlp(nn.ReLU, depth=3), scaler=object())
+    advice = advise(AlertKind.NONFINITE, scaled)
+    assert "autocast to bfloat16 instead of float16" in advice
+    assert not any("float32" in item for item in advice)
+
+
+def test_saturation_advice_names_only_the_activation_types_of_the_alerted_modules() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 4), nn.Tanh())
+    profile = ModelProfile.inspect(model)
+    assert (
+        advise(AlertKind.SATURATION, profile, layers=("1",))[0] == "replace Sigmoid with ReLU/GELU"
+    )
+    assert advise(AlertKind.SATURATION, profile, layers=("3",))[0] == "replace Tanh with ReLU/GELU"
+    assert advise(AlertKind.SATURATION, profile)[0] == "replace Sigmoid/Tanh with ReLU/GELU"
+
+
+def test_dead_units_advice_depends_on_the_rectifier() -> None:
+    relu = advise(AlertKind.DEAD_UNITS, profile_of(zoo.relu_he_bn_mlp(depth=4)))
+    gelu = advise(AlertKind.DEAD_UNITS, profile_of(zoo.deep_mlp(nn.GELU, depth=4)))
+    assert relu[0] == "replace ReLU with LeakyReLU/GELU"
+    assert not any("LeakyReLU" in item for item in gelu)
+    assert "use He (Kaiming) initialisation" in gelu  # default init, no normalisation
+    assert "use He (Kaiming) initialisation" not in relu
+
+
+def test_stagnation_advice_suggests_momentum_only_to_plain_sgd() -> None:
+    model = zoo.relu_he_bn_mlp(depth=3)
+    plain = ModelProfile.inspect(model, torch.optim.SGD(model.parameters(), lr=1e-5))
+    heavy = ModelProfile.inspect(model, torch.optim.SGD(model.parameters(), lr=1e-5, momentum=0.9))
+    assert advise(AlertKind.STAGNATION, plain) == (
+        "raise the learning rate (now 1e-05 for SGD) or check its schedule",
+        "use SGD momentum (0.9) or AdamW",
+    )
+    assert advise(AlertKind.STAGNATION, heavy) == (
+        "raise the learning rate (now 1e-05 for SGD) or check its schedule",
+    )
+
+
+def test_amp_overflow_gets_no_advice() -> None:
+    assert advise(AlertKind.AMP_OVERFLOW, profile_of(zoo.deep_mlp(nn.Tanh))) == ()
+
+
+def test_init_scale_is_measured_against_he_and_xavier() -> None:
+    default = profile_of(zoo.deep_mlp(nn.ReLU, depth=6, width=64))
+    he = profile_of(zoo.relu_he_bn_mlp(depth=6, width=64))
+    xavier = zoo.deep_mlp(nn.Tanh, depth=6, width=64)
+    for module in xavier.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_normal_(module.weight)
+    # PyTorch's default kaiming_uniform_(a=sqrt(5)) has std 1/sqrt(3 fan_in): 1/sqrt(6) of He.
+    assert default.he_ratio == pytest.approx(6**-0.5, rel=0.1)
+    assert default.he_scaled is False
+    assert he.he_ratio == pytest.approx(1.0, rel=0.1) and he.he_scaled
+    assert ModelProfile.inspect(xavier).xavier_ratio == pytest.approx(1.0, rel=0.1)
+
+
+def test_zero_initialised_weights_do_not_count_in_the_init_scale() -> None:
+    profile = profile_of(zoo.residual_mlp(depth=4))
+    assert profile.init_ratios["1.fc2"] == (0.0, 0.0)
+    assert profile.he_ratio is not None and profile.he_ratio > 0.3
+
+
+@pytest.mark.parametrize(
+    ("model", "residual"),
+    [
+        (zoo.residual_mlp(depth=2), True),  # class name "ResidualBlock"
+        (nn.Sequential(BasicBlock(4), BasicBlock(4)), True),  # name and downsample child
+        (nn.Sequential(InplaceSkip(4), nn.Linear(4, 1)), True),  # forward source: out += x
+        (nn.TransformerEncoderLayer(8, 2, 16), True),  # built-in residual layer
+        (nn.Sequential(ParallelBranches(4), nn.Linear(4, 1)), False),
+        (zoo.deep_mlp(nn.ReLU, depth=4), False),
+        (zoo.small_cnn(), False),
+    ],
+)
+def test_residual_structure_heuristic(model: nn.Module, residual: bool) -> None:
+    assert ModelProfile.inspect(model).residual is residual
+
+
+def test_profile_reads_activations_norms_recurrence_and_depth() -> None:
+    profile = ModelProfile.inspect(zoo.small_cnn())
+    assert profile.activations == {"ReLU"}
+    assert profile.norms == {"BatchNorm2d"} and profile.has_norm
+    assert profile.weight_layers == 3 and profile.depth == 5
+    assert not profile.recurrent
+    rnn = ModelProfile.inspect(zoo.SequenceRegressor("GRU"))
+    assert rnn.recurrent == {"GRU"} and not rnn.plain_rnn
