@@ -14,6 +14,7 @@ from gradwatch.detectors import (
 )
 from gradwatch.remedies import AGC, AutoClip, ClipNorm, LRBackoff, Remedy, SkipStep, ZClip
 from gradwatch.sinks.metrics import LoggerMetricsSink
+from gradwatch.sinks.tensorboard import TensorBoardSink
 from gradwatch.step import StepReport
 from gradwatch.watch import GradWatch
 
@@ -40,6 +41,7 @@ __all__ = [
     "SpikeDetector",
     "StagnationDetector",
     "StepReport",
+    "TensorBoardSink",
     "VanishingDetector",
     "ZClip",
     "__version__",

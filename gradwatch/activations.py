@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradwatch.detectors import SATURATION_MARGIN
 
+_FOLD_AFTER = 16  # forwards per step after which a module's pending statistics are summed up
 _SATURATING = "saturating"
 _RECTIFIER = "rectifier"
 _OTHER = "other"
@@ -162,7 +163,13 @@ class ActivationMonitor:
             nonfinite = ~torch.isfinite(peak.sum(dtype=torch.float32))
         else:
             nonfinite = ~torch.isfinite(output.sum(dtype=torch.float32))
-        self._nonfinite[index].append(nonfinite)
+        entries = self._nonfinite[index]
+        entries.append(nonfinite)
+        if len(entries) >= _FOLD_AFTER:  # many forwards without a step: keep memory bounded
+            entries[:] = [_add(entries)]
+            counts = self._saturated[index]
+            if counts:
+                counts[:] = [(_add(c for c, _ in counts), sum(n for _, n in counts))]
 
     def collect(self) -> ActivationStats | None:
         """This step's statistics, then clears them; None if no hooked forward ran since."""

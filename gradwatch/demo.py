@@ -266,6 +266,7 @@ def run_scenario(
         log_every_n_steps=log_every,
         histogram_every_n_steps=max(log_every, steps // 10),
         remedies=spec.remedies(),
+        track_updates=True,
     ) as watch:
         progress = _Progress(name, steps, out)
         for step in range(steps):

@@ -173,31 +173,30 @@ class VanishingDetector(Detector):
         eligible = [
             i for i, layer in enumerate(context.layers) if not isinstance(layer.module, sparse)
         ]
-        quarter = max(1, len(eligible) // 4)
-        groups = torch.zeros(2, context.num_layers, device=device)
-        if len(eligible) >= 2:
-            groups[0, eligible[:quarter]] = 1.0
-            groups[1, eligible[-quarter:]] = 1.0
-        mask = torch.zeros(context.num_layers, dtype=torch.bool, device=device)
-        mask[eligible] = True
-        self._groups = groups
-        self._eligible = mask
-        self._inv_sqrt_numel = context.numels.clamp_min(1.0).rsqrt()
+        self._quarter = max(1, len(eligible) // 4)
+        self._enabled = len(eligible) >= 2
+        groups = eligible[: self._quarter] + eligible[-self._quarter :] if self._enabled else []
+        self._group_index = torch.tensor(groups, dtype=torch.long, device=device)
+        # log10(norm) + offset = log10(RMS) for eligible layers, NaN for the others.
+        offset = -0.5 * torch.log10(context.numels.clamp_min(1.0))
+        left_out = torch.ones(context.num_layers, dtype=torch.bool, device=device)
+        left_out[eligible] = False
+        self._offset = torch.where(left_out, torch.nan, offset)
         self._run = torch.zeros((), device=device)
+        self._quiet = _quiet(context.num_layers, device)
 
     def observe(self, obs: StepObservation) -> Detection:
-        log_rms = torch.log10(obs.norms * self._inv_sqrt_numel)
-        present = torch.isfinite(log_rms) & self._eligible  # zero (-inf) and NaN/Inf left out
-        values = torch.stack([torch.where(present, log_rms, 0.0), present.float()], dim=1)
-        sums = self._groups @ values  # [2 groups, (sum of log RMS, count)]
-        counts = sums[:, 1]
-        means = sums[:, 0] / counts.clamp_min(1.0)
-        gap = means[0] - means[1]
-        holds = (counts.amin() > 0) & (gap < self._log_ratio)
-        self._run = torch.where(obs.valid, torch.where(holds, self._run + 1, 0.0), self._run)
+        if not self._enabled:
+            return self._quiet
+        log_rms = torch.log10(obs.norms) + self._offset
+        log_rms = torch.where(torch.isfinite(log_rms), log_rms, torch.nan)  # zeros carry no info
+        means = log_rms.index_select(0, self._group_index).view(2, self._quarter).nanmean(1)
+        gap = means[0] - means[1]  # NaN when a group has no information: never holds
+        counted = torch.where(gap < self._log_ratio, self._run + 1, 0.0)
+        self._run = torch.where(obs.valid, counted, self._run)
         fired = self._run >= self.patience
-        deficit = (means[1] - log_rms).nan_to_num(0.0, 0.0, 0.0)
-        scores = torch.where(present & (deficit > -self._log_ratio), deficit, 0.0)
+        # How far (in decades) each layer sits below ``ratio`` times the last layers: tiniest first.
+        scores = (means[1] + self._log_ratio - log_rms).nan_to_num(0.0).clamp_min(0.0)
         return Detection(fired=fired, value=torch.pow(10.0, gap), scores=scores)
 
     def message(self, value: float, layers: tuple[str, ...]) -> str:
@@ -307,29 +306,32 @@ class SpikeDetector(Detector):
         self._mean = torch.zeros(size, device=context.device)
         self._var = torch.zeros(size, device=context.device)
         self._count = torch.zeros(size, device=context.device)
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Derives next step's thresholds from the statistics (done once per update)."""
+        warm = self._count >= self.warmup
+        self._cap = torch.where(warm, self.threshold * self._var.sqrt(), torch.inf)
+        self._gate = self._cap.clamp_min(self._log_min_ratio)  # z deviations and min_ratio
+        self._jump = torch.where(warm, self._log_min_ratio, torch.inf)[: self.context.num_layers]
+        self._weight = (self._count + 1).reciprocal().clamp_min(1.0 - self.beta)
 
     def observe(self, obs: StepObservation) -> Detection:
         num_layers = self.context.num_layers
-        log_norm = torch.cat([obs.norms, obs.total_norm.reshape(1)]).log()
-        present = torch.isfinite(log_norm) & obs.valid
-        warm = self._count >= self.warmup
-        limit = self._mean + self.threshold * self._var.sqrt()
-        deviation = log_norm - self._mean
-        spiking = present & warm & (log_norm > limit) & (deviation > self._log_min_ratio)
+        deviation = torch.cat([obs.norms, obs.total_norm.reshape(1)]).log() - self._mean
+        present = torch.isfinite(deviation) & obs.valid
+        spiking = (deviation > self._gate) & present
         fired = spiking.any()
-        # Statistics update (running mean while warming up, EMA after; spikes enter clamped).
-        weight = (self._count + 1).reciprocal().clamp_min(1.0 - self.beta)
-        sample = torch.where(warm, torch.minimum(log_norm, limit), log_norm)
-        delta = sample - self._mean
-        self._mean = torch.where(present, self._mean + weight * delta, self._mean)
-        self._var = torch.where(
-            present, (1 - weight) * (self._var + weight * delta * delta), self._var
-        )
-        self._count = self._count + present.float()
+        # Running mean while warming up, EMA after; a spike enters capped at the threshold.
+        delta = torch.where(present, torch.minimum(deviation, self._cap), 0.0)
+        weight = self._weight * present
+        self._mean = torch.addcmul(self._mean, weight, delta)
+        self._var = (1.0 - weight) * torch.addcmul(self._var, weight * delta, delta)
+        self._count = self._count + present
+        self._prepare()
         value = torch.where(spiking, deviation, -torch.inf).amax().exp()
-        jumped = fired & present[:num_layers] & warm[:num_layers]
-        jumped = jumped & (deviation[:num_layers] > self._log_min_ratio)
-        scores = torch.where(jumped, deviation[:num_layers], 0.0)
+        layer_deviation = deviation[:num_layers]
+        scores = torch.where(fired & (layer_deviation > self._jump), layer_deviation, 0.0)
         return Detection(fired=fired, value=value, scores=scores)
 
     def message(self, value: float, layers: tuple[str, ...]) -> str:
@@ -351,6 +353,7 @@ class SpikeDetector(Detector):
             values = state.get(key)
             if values is not None and len(values) == self._mean.numel():
                 getattr(self, f"_{key}").copy_(torch.tensor(values, dtype=torch.float32))
+        self._prepare()
 
 
 class NonFiniteDetector(Detector):

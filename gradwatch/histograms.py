@@ -55,7 +55,8 @@ class GradientHistograms:
             id(param): index for index, layer in enumerate(context.layers) for param in layer.params
         }
         self._limits = bucket_limits()
-        self._log10_lo = math.log10(MIN_MAGNITUDE)
+        self._per_octave = BINS_PER_DECADE * math.log10(2.0)  # bins per factor of 2
+        self._offset = 1.0 - BINS_PER_DECADE * math.log10(MIN_MAGNITUDE)
 
     def compute(self, obs: StepObservation) -> torch.Tensor:
         """Bins this step's gradients per layer, on the device, without a host sync.
@@ -99,12 +100,16 @@ class GradientHistograms:
             return torch.cat([counts, stats], dim=1)
 
     def _bin_counts(self, values: torch.Tensor) -> torch.Tensor:
-        """Counts of ``values`` per signed bin (``NUM_BINS + 1`` entries, NaNs in the last)."""
-        k = _MAGNITUDE_BINS
-        magnitude = values.abs().log10_().sub_(self._log10_lo).mul_(BINS_PER_DECADE)
-        magnitude = magnitude.floor_().add_(1.0).clamp_(0.0, float(k))
-        signed = torch.copysign(magnitude, values).add_(float(k)).nan_to_num_(nan=float(NUM_BINS))
-        return torch.bincount(signed.to(torch.int64), minlength=NUM_BINS + 1)
+        """Counts of ``values`` per signed bin (``NUM_BINS + 1`` entries, NaNs in the last).
+
+        ``m = clamp(floor((log10|g| - log10 lo) * BINS_PER_DECADE) + 1, 0, K)``, computed in place
+        on one copy as ``floor(log2|g| * a + b)``, signed with ``copysign`` and shifted by ``K``.
+        """
+        k = float(_MAGNITUDE_BINS)
+        magnitude = values.abs().log2_().mul_(self._per_octave).add_(self._offset).floor_()
+        signed = magnitude.clamp_(0.0, k).copysign_(values).add_(k)
+        signed.nan_to_num_(nan=float(NUM_BINS))
+        return torch.bincount(signed.to(torch.int32), minlength=NUM_BINS + 1)
 
     def decode(self, host_array: np.ndarray) -> list[tuple[str, dict[str, Any]]]:
         """Turns one host copy of :meth:`compute` into ``add_histogram_raw`` keyword arguments.

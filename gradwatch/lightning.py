@@ -79,8 +79,10 @@ class GradWatchCallback(_CallbackBase):
     - One watch per optimizer, over that optimizer's parameters (``callback.watches``;
       ``callback.watch`` is the first). Step numbers are ``trainer.global_step``, one per optimizer
       step: with ``accumulate_grad_batches=k`` one step per ``k`` batches; under manual optimization
-      with several optimizers, each watch sees the global steps of its own optimizer. Extra watches
-      get deep copies of the ``detectors`` and ``remedies`` given (the first watch uses them as is).
+      with several optimizers, each watch sees the global steps of its own optimizer (its flushes
+      follow the cadence; histograms and update ratios are taken at step numbers that are
+      multiples of their cadence, so some may not occur). Extra watches get deep copies of the
+      ``detectors`` and ``remedies`` given (the first watch uses them as is).
     - Logging, on rank 0: with one optimizer and a ``TensorBoardLogger``, everything goes to the
       logger's own ``SummaryWriter`` (same run directory); every other logger receives the scalars
       through ``log_metrics`` (:class:`~gradwatch.sinks.metrics.LoggerMetricsSink`). With several
@@ -96,7 +98,8 @@ class GradWatchCallback(_CallbackBase):
       step, only with this policy) and ``trainer.should_stop`` is set on all of them; ``fit``
       returns normally and :attr:`stopped_by` holds the :class:`~gradwatch.alerts.GradientError`.
     - Checkpoints hold every watch's ``state_dict()`` under :attr:`state_key`; resuming continues
-      the history and statistics. A checkpoint without gradwatch state loads with a warning.
+      the history and statistics (so does calling ``fit`` again on a trainer that already
+      trained). A checkpoint without gradwatch state loads with a warning.
     - Under ``ddp_spawn`` the training runs in worker processes: the callback object of the main
       process stays empty after ``fit`` (Lightning sends back only weights and metrics); the results
       are in the logger and in the checkpoints. ``ddp`` keeps them in the main process (rank 0).
@@ -213,8 +216,8 @@ class GradWatchCallback(_CallbackBase):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Builds one watch per optimizer (restoring checkpointed state) before the first batch."""
         state = self._pending_state
-        if state is None and self._watches:  # a second fit() continues the first one's history
-            state = self.state_dict()
+        if state is None and self._watches and trainer.global_step > 0:
+            state = self.state_dict()  # fit() again on a trainer that already trained: continue
         self._close_watches()
         self._watches = []
         self._pending_state = None

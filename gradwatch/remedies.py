@@ -390,13 +390,16 @@ class LRBackoff(Remedy):
         min_scale: float = 1e-3,
         patience: int = 10,
         recovery_steps: int = 40,
+        cooldown: int = 5,
         on: Sequence[str] = ("spike", "exploding"),
     ) -> None:
         self.factor = _check_number("factor", factor, low=0.0, high=1.0, high_open=True)
         self.min_scale = _check_number("min_scale", min_scale, low=0.0, high=1.0)
         _check_int("patience", patience, minimum=0)
         _check_int("recovery_steps", recovery_steps, minimum=1)
+        _check_int("cooldown", cooldown, minimum=1)
         self.patience = patience
+        self.cooldown = cooldown
         self.recovery_steps = recovery_steps
         self.on = _check_names("on", on, tuple(_TRIGGERS))
         self._kinds = [_TRIGGERS[name] for name in self.on]
@@ -404,6 +407,7 @@ class LRBackoff(Remedy):
         self.level = 0.0  # the scale is factor ** level
         self.depth = 0.0  # deepest level since the scale was last 1
         self.healthy_steps = 0
+        self.since_backoff = cooldown
         self.backoffs = 0
         self._optimizer: torch.optim.Optimizer | None = None
         self._pre_handle: RemovableHandle | None = None
@@ -432,16 +436,19 @@ class LRBackoff(Remedy):
         """Backs off on a flagged step, otherwise counts a healthy step and climbs back."""
         flags = obs.host_flags()
         if any(flags.get(kind, False) for kind in self._kinds):
-            self.level = min(self.level + 1.0, self._max_level)
-            self.depth = max(self.depth, self.level)
+            if self.since_backoff >= self.cooldown:
+                self.level = min(self.level + 1.0, self._max_level)
+                self.depth = max(self.depth, self.level)
+                self.backoffs += 1
+                self.since_backoff = 0
             self.healthy_steps = 0
-            self.backoffs += 1
         else:
             self.healthy_steps += 1
             if self.healthy_steps > self.patience and self.level > 0.0:
-                self.level -= 1.0 / (self.recovery_steps * self.depth)
+                self.level -= 1.0 / (self.recovery_steps * self.depth**2)
                 if self.level < 1e-9:
                     self.level, self.depth = 0.0, 0.0
+        self.since_backoff += 1
         obs.lr_scale = self.scale
         # Inside optimizer.step (the pre-hook already ran, e.g. Lightning calls the watch from the
         # closure) or before the pre-hook exists: put this step's scale in place now.

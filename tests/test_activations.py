@@ -80,6 +80,19 @@ def test_saturated_fraction_follows_the_definition_over_every_forward_of_the_ste
     assert monitor.collect() is None  # cleared; no forward since
 
 
+def test_many_forwards_in_one_step_are_folded_and_still_exact() -> None:
+    model = nn.Sequential(nn.Sigmoid())
+    monitor = ActivationMonitor(model)
+    for index in range(40):  # one saturated input in 4, and a NaN in the 7th forward
+        value = float("nan") if index == 6 else (20.0 if index % 4 == 0 else 0.0)
+        model(torch.full((1, 5), value, requires_grad=True))
+    assert len(monitor._nonfinite[0]) < 16
+    stats = monitor.collect()
+    assert stats is not None
+    assert stats.saturated.tolist() == pytest.approx([10 / 40])
+    assert stats.nonfinite.tolist() == [True]
+
+
 def test_forwards_without_autograd_are_not_recorded() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     monitor = ActivationMonitor(model)

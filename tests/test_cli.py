@@ -11,6 +11,7 @@ import pytest
 from gradwatch.cli import main
 
 DEMO_STEPS = 25
+DemoRun = tuple[Path, subprocess.CompletedProcess]
 
 
 def run_gradwatch(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -24,14 +25,16 @@ def run_gradwatch(*args: str, timeout: float = 240) -> subprocess.CompletedProce
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+def demo_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> DemoRun:
     logdir = tmp_path_factory.mktemp("demo") / "runs"
     result = run_gradwatch("demo", "--logdir", str(logdir), "--steps", str(DEMO_STEPS))
     return logdir, result
 
 
 def test_demo_trains_every_scenario_and_prints_the_tensorboard_command(
-    demo_run: tuple[Path, subprocess.CompletedProcess[str]],
+    demo_run: DemoRun,
 ) -> None:
     logdir, result = demo_run
     assert result.returncode == 0, result.stderr
@@ -53,7 +56,9 @@ def test_demo_trains_every_scenario_and_prints_the_tensorboard_command(
     assert "nonfinite" in verdicts["nan"]
 
 
-def test_report_reads_the_demo_back(demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+def test_report_reads_the_demo_back(
+    demo_run: DemoRun,
+) -> None:
     logdir, _ = demo_run
     result = run_gradwatch("report", str(logdir))
     assert result.returncode == 0, result.stderr
@@ -69,29 +74,37 @@ def test_report_reads_the_demo_back(demo_run: tuple[Path, subprocess.CompletedPr
     assert "NONFINITE (error)" in sections["nan"]
 
 
-def test_report_of_one_run_directory(demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+def test_report_of_one_run_directory(demo_run: DemoRun, capsys: pytest.CaptureFixture[str]) -> None:
     logdir, _ = demo_run
-    result = run_gradwatch("report", str(logdir / "healthy"))
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("run . (")
+    assert main(["report", str(logdir / "healthy")]) == 0
+    assert capsys.readouterr().out.startswith("run . (")
 
 
-@pytest.mark.parametrize("kind", ["missing", "empty", "foreign"])
-def test_report_of_a_directory_without_runs_fails_in_one_line(tmp_path: Path, kind: str) -> None:
-    target = tmp_path / "logs"
-    if kind != "missing":
-        target.mkdir()
+def test_report_of_a_missing_directory_fails_in_one_line(tmp_path: Path) -> None:
+    result = run_gradwatch("report", str(tmp_path / "missing"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        == f"gradwatch report: error: no such directory: {tmp_path / 'missing'}"
+    )
+
+
+@pytest.mark.parametrize("kind", ["empty", "foreign"])
+def test_report_of_a_directory_without_gradwatch_runs_fails_in_one_line(
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     if kind == "foreign":
         from torch.utils.tensorboard import SummaryWriter
 
-        with SummaryWriter(str(target)) as writer:
+        with SummaryWriter(str(tmp_path)) as writer:
             writer.add_scalar("loss", 1.0, 0)
-    result = run_gradwatch("report", str(target))
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert result.stderr.startswith("gradwatch report: error:")
-    assert str(target) in result.stderr
+    assert main(["report", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1
+    assert captured.err.startswith("gradwatch report: error: no ")
+    assert str(tmp_path) in captured.err
 
 
 def test_usage_errors_exit_with_status_2(capsys: pytest.CaptureFixture[str]) -> None:

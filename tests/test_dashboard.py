@@ -52,8 +52,17 @@ def server(logdir: Path) -> Iterator[str]:
     port = free_port()
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
-            "--port", str(port), "--host", "127.0.0.1", "--reload_interval", "1",
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(logdir),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--reload_interval",
+            "1",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -78,8 +78,10 @@ def test_values_land_in_the_bucket_that_contains_them() -> None:
 def test_random_gradients_match_a_numpy_reference_per_layer() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
-    grads = {name: torch.randn_like(p) * 10 ** torch.empty_like(p).uniform_(-6, 1)
-             for name, p in model.named_parameters()}
+    grads = {
+        name: torch.randn_like(p) * 10 ** torch.empty_like(p).uniform_(-6, 1)
+        for name, p in model.named_parameters()
+    }
     hists = _histograms_for(model, grads)
     assert list(hists) == ["0", "2"]
     for layer in ("0", "2"):

@@ -318,6 +318,49 @@ def test_without_logger_nothing_is_written_and_alerts_still_work(
     assert "test detection fired" in capsys.readouterr().out  # the summary printed at fit end
 
 
+class _RecordingLogger:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.calls.append((step, metrics))
+
+
+def _record(steps: list[int], alert_counts: dict[str, int]) -> FlushRecord:
+    k = len(steps)
+    return FlushRecord(
+        layer_names=["", "head"],
+        steps=np.asarray(steps),
+        grad_norms=np.arange(2 * k, dtype=np.float32).reshape(k, 2),
+        total_norms=np.full(k, 3.0, dtype=np.float32),
+        clip_coefs=np.full(k, 0.5, dtype=np.float32),
+        lr_scales=None,
+        weight_norms=np.asarray([1.0, 2.0], dtype=np.float32),
+        update_ratios=None,
+        alert_counts=alert_counts,
+    )
+
+
+def test_logger_metrics_sink_writes_every_step_and_changed_alert_counts() -> None:
+    logger = _RecordingLogger()
+    sink = gw.LoggerMetricsSink(logger, prefix="gradwatch/optimizer_1")
+    sink.write(_record([4, 5], {"spike": 1}))
+    sink.write(_record([6], {"spike": 1}))
+
+    assert [step for step, _ in logger.calls] == [4, 5, 6]
+    assert logger.calls[0][1] == {
+        "gradwatch/optimizer_1/grad_norm_total": 3.0,
+        "gradwatch/optimizer_1/clip_coef": 0.5,
+    }
+    newest = logger.calls[1][1]
+    assert newest["gradwatch/optimizer_1/grad_norm/<root>"] == 2.0
+    assert newest["gradwatch/optimizer_1/weight_norm/head"] == 2.0
+    assert newest["gradwatch/optimizer_1/alerts/spike"] == 1.0
+    assert "gradwatch/optimizer_1/alerts/spike" not in logger.calls[2][1]  # unchanged count
+    with pytest.raises(TypeError, match="log_metrics"):
+        gw.LoggerMetricsSink(object())
+
+
 # ---------------------------------------------------------------------- remedies and AMP
 
 

@@ -119,7 +119,9 @@ def tensorboard_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
 
 
 @pytest.mark.parametrize("background", [True, False], ids=["background", "inline"])
-def test_event_files_hold_every_tag_with_the_history_values(tmp_path: Path, background: bool) -> None:
+def test_event_files_hold_every_tag_with_the_history_values(
+    tmp_path: Path, background: bool
+) -> None:
     torch.manual_seed(0)
     model = RootScaled()
     sink = TensorBoardSink(tmp_path, background=background, image_interval=0.0)
@@ -189,7 +191,7 @@ def test_scalars_of_one_step_share_one_event(tmp_path: Path) -> None:
     assert len(summaries) == STEPS + 3
     images = [e.step for e in summaries if e.summary.value[0].tag == "gradwatch/gradient_flow"]
     assert images == [4, STEPS - 1]
-    last = [e for e in summaries if e.step == 9][0]
+    last = next(e for e in summaries if e.step == 9)
     assert len(last.summary.value) == 1 + 2 * 3  # total norm, 3 gradient and 3 weight norms
 
 
@@ -197,8 +199,13 @@ def test_clip_coef_lr_scale_and_update_ratio(tmp_path: Path) -> None:
     model = RootScaled()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     watch = gw.GradWatch(
-        model, optimizer, logdir=tmp_path, log_every_n_steps=LOG_EVERY, detectors=(),
-        remedies=[HalveAndSlow()], track_updates=True,
+        model,
+        optimizer,
+        logdir=tmp_path,
+        log_every_n_steps=LOG_EVERY,
+        detectors=(),
+        remedies=[HalveAndSlow()],
+        track_updates=True,
     )
     train(watch, model)
     watch.close()
@@ -249,7 +256,10 @@ def test_writer_like_objects_get_the_same_tags_through_add_calls() -> None:
     model = RootScaled()
     writer = RecordingWriter()
     watch = gw.GradWatch(
-        model, writer=writer, log_every_n_steps=LOG_EVERY, histogram_every_n_steps=5,
+        model,
+        writer=writer,
+        log_every_n_steps=LOG_EVERY,
+        histogram_every_n_steps=5,
         detectors=[FiresFromStep(3)],
     )
     train(watch, model)
@@ -259,13 +269,19 @@ def test_writer_like_objects_get_the_same_tags_through_add_calls() -> None:
         by_method.setdefault(method, []).append((args, kwargs))
     assert len(by_method["add_custom_scalars"]) == 1
     scalar_tags = {args[0] for args, _ in by_method["add_scalar"]}
-    assert {"gradwatch/grad_norm_total", "gradwatch/grad_norm/<root>", "gradwatch/alerts/spike"} <= scalar_tags
+    assert {
+        "gradwatch/grad_norm_total",
+        "gradwatch/grad_norm/<root>",
+        "gradwatch/alerts/spike",
+    } <= scalar_tags
     totals = [args for args, _ in by_method["add_scalar"] if args[0] == "gradwatch/grad_norm_total"]
     assert [args[2] for args in totals] == list(range(STEPS))
     assert [args[0] for args, _ in by_method["add_text"]] == ["gradwatch/alerts"]
     image_args, image_kwargs = by_method["add_image"][-1]
     assert image_args[0] == "gradwatch/gradient_flow" and image_kwargs == {"dataformats": "HWC"}
-    assert image_args[1].ndim == 3 and image_args[1].shape[2] == 3 and image_args[1].dtype == np.uint8
+    assert (
+        image_args[1].ndim == 3 and image_args[1].shape[2] == 3 and image_args[1].dtype == np.uint8
+    )
     histogram_kwargs = by_method["add_histogram_raw"][0][1]
     assert set(histogram_kwargs) >= {"bucket_limits", "bucket_counts", "global_step", "num"}
     assert writer.flushed >= 1  # a writer we did not create is flushed, not closed
@@ -276,9 +292,7 @@ def test_a_failing_writer_warns_once_and_training_goes_on(background: bool) -> N
     model = RootScaled()
     writer = BrokenWriter()
     sink = TensorBoardSink(writer=writer, background=background)
-    watch = gw.GradWatch(
-        model, log_every_n_steps=2, detectors=[FiresFromStep(7)], sinks=[sink]
-    )
+    watch = gw.GradWatch(model, log_every_n_steps=2, detectors=[FiresFromStep(7)], sinks=[sink])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(watch, model, steps=20)
@@ -354,7 +368,7 @@ def test_plain_gradient_flow_marks_nonfinite_steps() -> None:
     image = flow.render(["a", "b"], plot=None)
     assert image is not None and image.dtype == np.uint8 and image.shape[2] == 3
     magenta = np.all(image == [255, 0, 255], axis=2)
-    rows, cols = np.nonzero(magenta)
+    rows = np.nonzero(magenta)[0]
     assert magenta.any() and rows.min() >= image.shape[0] // 2  # only in the second layer's row
 
 

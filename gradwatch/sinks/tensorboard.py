@@ -47,9 +47,12 @@ LR_SCALE_TAG = f"{PREFIX}/lr_scale"
 ALERTS_TAG = f"{PREFIX}/alerts"
 FLOW_TAG = f"{PREFIX}/gradient_flow"
 ROOT_NAME = "<root>"
+MIN_COLOUR_DECADES = 4.0  # the gradient-flow colour scale spans at least this many decades
 CUSTOM_SCALARS_CATEGORY = "gradwatch"
 
 _STOP = object()
+_WRITER_QUEUE = 1024  # events SummaryWriter buffers: a flush's events never wait for the disk
+_WRITER_FLUSH_S = 10  # seconds between file flushes (what a live dashboard lags at most)
 _PUT_TIMEOUT_S = 60.0
 _CLOSE_TIMEOUT_S = 120.0
 
@@ -154,7 +157,11 @@ class TensorBoardSink(Sink):
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(log_dir=os.fspath(logdir))  # type: ignore[arg-type]
+                self._writer = SummaryWriter(
+                    log_dir=os.fspath(logdir),  # type: ignore[arg-type]
+                    max_queue=_WRITER_QUEUE,
+                    flush_secs=_WRITER_FLUSH_S,
+                )
             except Exception as error:  # the training loop comes first
                 self._error = error
                 self._failure_reported = True
@@ -164,7 +171,6 @@ class TensorBoardSink(Sink):
                     RuntimeWarning,
                     stacklevel=3,
                 )
-        self._file_writer = _file_writer_of(self._writer) if self._error is None else None
         self._queue: queue.Queue[Any] | None = None
         self._thread: threading.Thread | None = None
         if background and self._error is None:
@@ -285,9 +291,7 @@ class TensorBoardSink(Sink):
         try:
             image = self._flow.render(self._flow_names, self._plot)
             if image is not None:
-                _write_events(
-                    self._writer, self._file_writer, {step: [_Entry("image", FLOW_TAG, image)]}
-                )
+                _write_events(self._writer, {step: [_Entry("image", FLOW_TAG, image)]})
             self._image_due_step = None
             self._last_image_time = time.monotonic()
         except Exception as error:
@@ -308,17 +312,18 @@ class TensorBoardSink(Sink):
         if not self._layout_written:
             self._write_layout()
             self._layout_written = True
-        _write_events(self._writer, self._file_writer, self._events(record))
+        _write_events(self._writer, self._events(record))
         if len(record.steps):
             self._flow.add(record.steps, record.grad_norms)
             self._flow_names = record.layer_names
             self._image_due_step = int(record.steps[-1])
 
     def _write_layout(self) -> None:
-        if self._file_writer is not None:
+        file_writer = _file_writer_of(self._writer)
+        if file_writer is not None:
             from torch.utils.tensorboard.summary import custom_scalars
 
-            self._file_writer.add_summary(custom_scalars(custom_scalars_layout()))
+            file_writer.add_summary(custom_scalars(custom_scalars_layout()))
         else:
             _call_if_present(self._writer, "add_custom_scalars", custom_scalars_layout())
 
@@ -379,7 +384,8 @@ class _Entry:
     value: Any
 
 
-def _write_events(writer: Any, file_writer: Any, events: dict[int, list[_Entry]]) -> None:
+def _write_events(writer: Any, events: dict[int, list[_Entry]]) -> None:
+    file_writer = _file_writer_of(writer)  # fetched each time: SummaryWriter reopens it if closed
     if file_writer is not None:
         _write_protos(file_writer, events)
     else:
@@ -530,8 +536,9 @@ class GradientFlow:
             return None
         finite = grid[np.isfinite(grid)]
         low, high = (float(finite.min()), float(finite.max())) if finite.size else (-1.0, 1.0)
-        if high - low < 1e-6:
-            low, high = low - 0.5, high + 0.5
+        if high - low < MIN_COLOUR_DECADES:  # a healthy spread of norms stays one colour
+            middle = 0.5 * (low + high)
+            low, high = middle - 0.5 * MIN_COLOUR_DECADES, middle + 0.5 * MIN_COLOUR_DECADES
         clipped = np.where(np.isposinf(grid), high, np.where(np.isneginf(grid), low, grid))
         if plot is not None:
             start = self.first_step or 0

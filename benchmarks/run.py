@@ -1,0 +1,108 @@
+"""Runs every gradwatch benchmark and prints one Markdown report.
+
+Usage::
+
+    python benchmarks/run.py                  # the full run behind benchmarks/RESULTS.md (~1 h quiet)
+    python benchmarks/run.py --quick          # smoke run: every code path, noisy numbers (minutes)
+    python benchmarks/run.py --only overhead scaling --output report.md
+
+Sections: paired overhead on three workloads (``bench_overhead.py``), where ``watch.step()`` spends
+its time (cProfile), scaling with tensor count and size (``bench_scaling.py``), memory
+(``bench_memory.py``), and, when present, histograms (``bench_histograms.py``) and distributed
+(``bench_distributed.py``), which run as subprocesses with their own command lines. On a machine
+with CUDA the same command reports GPU overhead and host syncs per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import bench_memory
+import bench_overhead
+import bench_scaling
+import torch
+from common import add_common_arguments, machine_description
+
+HERE = Path(__file__).resolve().parent
+SECTIONS = ("overhead", "profile", "scaling", "memory", "histograms", "distributed")
+# Command lines of the benchmarks that have their own (quick, full).
+EXTERNAL = {
+    "histograms": ("bench_histograms.py", ["--repeats", "3"], []),
+    "distributed": ("bench_distributed.py", ["--pairs", "20", "--warmup", "5"], []),
+}
+
+
+def external_section(name: str, quick: bool, threads: int) -> str:
+    """Runs another engineer's benchmark script and returns its output as Markdown."""
+    script, quick_args, full_args = EXTERNAL[name]
+    path = HERE / script
+    if not path.exists():
+        return f"*{script} is not present: skipped.*"
+    command = [sys.executable, str(path), *(quick_args if quick else full_args)]
+    if name == "histograms":
+        command += ["--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=HERE)
+    output = done.stdout.strip()
+    if done.returncode != 0:
+        error = done.stderr.strip().splitlines()[-1:] or ["no message"]
+        return f"*{script} failed (exit {done.returncode}): {error[0]}*\n\n{output}"
+    if output.startswith(("{", "[")):
+        return f"```json\n{output}\n```"
+    return output
+
+
+def report(sections: list[str], quick: bool, threads: int, device: torch.device) -> str:
+    """Runs the chosen sections; returns the whole Markdown report."""
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    parts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for section in sections:
+            print(f"== {section}", file=sys.stderr, flush=True)
+            if section == "overhead":
+                body = bench_overhead.run(quick, device, workdir)
+            elif section == "profile":
+                body = bench_overhead.profile_probe(50 if quick else 200, device)
+            elif section == "scaling":
+                body = bench_scaling.run(quick, workdir)
+            elif section == "memory":
+                body = bench_memory.run(quick, threads)
+            else:
+                body = external_section(section, quick, threads)
+            parts.append(f"### {section}\n\n{body}")
+    header = (
+        f"## gradwatch benchmarks ({'--quick smoke run' if quick else 'full run'})\n\n"
+        f"- machine: {machine_description()}\n"
+        f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}, "
+        f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, "
+        f"{time.perf_counter() - started:.0f} s in total\n"
+        f"- device: {device}"
+    )
+    return "\n\n".join([header, *parts]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser)
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--output", type=Path, help="also write the report to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    text = report(args.only, args.quick, args.threads, torch.device(args.device))
+    print(text)
+    if args.output is not None:
+        args.output.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
