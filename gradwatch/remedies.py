@@ -4,8 +4,8 @@ Each remedy sees the step after the previous ones acted (``obs.total_now``, ``ob
 The clipping remedies (:class:`ClipNorm`, :class:`AutoClip`, :class:`ZClip`, :class:`AGC`) work on
 the device only: their coefficients are computed and clamped there and multiplied in
 unconditionally, like ``torch.nn.utils.clip_grad_norm_``, so they add no host synchronisation.
-:class:`LRBackoff` and :class:`SkipStep` decide on the host and read this step's detection flags with
-one small transfer per step (shared between them).
+:class:`LRBackoff` and :class:`SkipStep` decide on the host and read this step's detection flags
+with one small transfer per step (shared between them).
 
 Example:
     >>> import torch, gradwatch as gw
@@ -107,13 +107,14 @@ class AutoClip(Remedy):
     """Clips the total norm to a percentile of the norms seen so far (Seetharaman et al., 2020).
 
     Each step appends the observed total norm (after earlier remedies) to the history, then clips
-    to the ``percentile``-th percentile of the history (linear interpolation, as ``numpy.percentile``).
-    Non-finite steps (and AMP overflow steps) never enter the history and are not clipped.
+    to the ``percentile``-th percentile of the history (linear interpolation, as
+    ``numpy.percentile``). Non-finite steps (and AMP overflow steps) never enter the history and are
+    not clipped.
 
-    The history lives on the device: the last ``window`` steps, or with ``window=None`` the whole run
-    up to the most recent ``AUTOCLIP_MAX_HISTORY`` (10,000) steps. The percentile is found with one
-    partial sort (``torch.topk`` of the smallest ``percentile``% of the history) per step; no host
-    synchronisation.
+    The history lives on the device: the last ``window`` steps, or with ``window=None`` the whole
+    run up to the most recent ``AUTOCLIP_MAX_HISTORY`` (10,000) steps. The percentile is found with
+    one partial sort (``torch.topk`` of the smallest ``percentile``% of the history) per step; no
+    host synchronisation.
 
     Example:
         >>> clip = AutoClip(percentile=10.0, window=1000)
@@ -158,8 +159,9 @@ class AutoClip(Remedy):
         size = min(self._written, self.capacity)
         history = self._norms[:size]
         fraction = self.percentile / 100.0
-        # Among ``count <= size`` finite norms the percentile sits at rank ``fraction * (count - 1)``,
-        # so the ``floor(fraction * (size - 1)) + 2`` smallest entries always contain it.
+        # Among ``count <= size`` finite norms the percentile sits at rank
+        # ``fraction * (count - 1)``, so the ``floor(fraction * (size - 1)) + 2`` smallest entries
+        # always contain it.
         keep = min(size, math.floor(fraction * (size - 1)) + 2)
         smallest = torch.topk(history, keep, largest=False, sorted=True).values
         count = torch.isfinite(history).sum()
@@ -321,7 +323,7 @@ class AGC(Remedy):
         params, grads = obs.grads()
         chosen: list[tuple[nn.Parameter, torch.Tensor]] = [
             (param, grad)
-            for param, grad in zip(params, grads)
+            for param, grad in zip(params, grads, strict=True)
             if id(param) not in self._excluded
             and not ("vectors" in self.exclude and grad.dim() <= 1)
             and not grad.is_sparse
@@ -347,21 +349,26 @@ class AGC(Remedy):
 class LRBackoff(Remedy):
     """Scales every param group's learning rate down on SPIKE/EXPLODING, and back up once healthy.
 
-    A step flagged by any detector named in ``on`` multiplies the scale by ``factor`` (repeated
-    flags compound, down to ``min_scale``). The backoff acts on the update of the step where it is
-    detected. After ``patience`` healthy steps in a row the scale climbs back geometrically, one
-    ``factor`` level every ``recovery_steps * depth`` steps, where ``depth`` is the deepest level
-    (number of ``factor`` backoffs) reached since the scale was last 1. A single spike (depth 1)
-    is therefore fully recovered after ``patience + recovery_steps`` = 50 healthy steps with the
-    defaults, while a run that had to back off 4 levels takes ``recovery_steps * 4`` steps per level
-    (640 steps to full rate): the deeper the backoff, the slower the climb back. A flag during the
-    climb backs off again and restarts the patience.
+    Backoff: a step flagged by a detection named in ``on`` multiplies the scale by ``factor``, for
+    the update of that very step. Repeated flags compound (down to ``min_scale``), at most once per
+    ``cooldown`` steps: a divergence is flagged on several consecutive steps, and the previous
+    backoff needs a few updates to show its effect.
+
+    Recovery: after ``patience`` healthy (unflagged) steps in a row the scale climbs back
+    geometrically, one ``factor`` level every ``recovery_steps * depth**2`` steps, where ``depth``
+    is the deepest level (number of backoffs) reached since the scale was last 1. With the defaults
+    a single spike (depth 1) is fully recovered after ``patience + recovery_steps`` = 50 healthy
+    steps; after 2 levels each level takes 160 steps, after 4 levels 640: the deeper the backoff,
+    the slower the climb, so a run that diverged at its original rate is not driven straight back
+    there. A flag during the climb backs off again and restarts the patience.
 
     The scale is applied around the optimizer step (a step pre-hook multiplies each group's ``lr``,
     a post-hook puts back the exact original value), so the stored learning rate is never changed:
     any ``torch.optim.lr_scheduler`` (chainable ones included) composes, and once recovered the
-    learning rate is exactly the scheduler's. Until the first optimizer step after :meth:`bind`
-    (when the pre-hook can be installed safely) the scale is put in place by :meth:`apply` itself.
+    learning rate is exactly the scheduler's. The pre-hook is installed after the first optimizer
+    step that follows :meth:`bind` (``bind`` may run inside the optimizer's pre-hook loop, with
+    ``attach()``); until then, and when the watch runs inside ``optimizer.step`` (Lightning's
+    closure), :meth:`apply` puts the scale in place itself.
 
     Host synchronisation: reads this step's detection flags with one small transfer per step
     (``obs.host_flags()``, shared with :class:`SkipStep`).
@@ -370,10 +377,11 @@ class LRBackoff(Remedy):
         >>> backoff = LRBackoff(factor=0.5, min_scale=1e-3)
 
     Args:
-        factor: Multiplier applied on each flagged step, in (0, 1).
+        factor: Multiplier applied on a flagged step, in (0, 1).
         min_scale: Floor of the scale, in (0, 1].
         patience: Healthy steps in a row before the climb back starts; >= 0.
         recovery_steps: Steps to climb back one ``factor`` level from depth 1; >= 1.
+        cooldown: Minimum steps between two backoffs; >= 1 (1 compounds on every flagged step).
         on: Detections that trigger a backoff, among ``"spike"``, ``"exploding"``, ``"nonfinite"``.
 
     Raises:
@@ -423,11 +431,13 @@ class LRBackoff(Remedy):
         """Installs the post-hook; the pre-hook follows after the first optimizer step.
 
         ``bind`` may run inside the optimizer's own pre-hook loop (``GradWatch.attach()``), where
-        adding a pre-hook would break that loop; the post-hook dictionary is not being iterated then.
+        adding a pre-hook would break that loop; the post-hook dictionary is not iterated then.
         """
         super().bind(context)
         if context.optimizer is None:
-            raise ValueError("LRBackoff needs the optimizer: GradWatch(model, optimizer, remedies=...)")
+            raise ValueError(
+                "LRBackoff needs the optimizer: GradWatch(model, optimizer, remedies=...)"
+            )
         self.detach()
         self._optimizer = context.optimizer
         self._post_handle = context.optimizer.register_step_post_hook(self._after_optimizer_step)
@@ -472,14 +482,14 @@ class LRBackoff(Remedy):
         self._saved_lrs = [group["lr"] for group in groups]
         scale = self.scale
         if scale != 1.0:
-            for group, lr in zip(groups, self._saved_lrs):
+            for group, lr in zip(groups, self._saved_lrs, strict=False):
                 group["lr"] = lr * scale
 
     def _restore_lrs(self) -> None:
         """Puts back the exact learning-rate objects remembered by :meth:`_scale_lrs`."""
         if self._saved_lrs is None or self._optimizer is None:
             return
-        for group, lr in zip(self._optimizer.param_groups, self._saved_lrs):
+        for group, lr in zip(self._optimizer.param_groups, self._saved_lrs, strict=False):
             group["lr"] = lr
         self._saved_lrs = None
 
@@ -492,11 +502,12 @@ class LRBackoff(Remedy):
         self._pre_handle = self._post_handle = None
 
     def state_dict(self) -> dict[str, Any]:
-        """Backoff level, depth, healthy-step count and number of backoffs."""
+        """Backoff level and depth, step counters and the number of backoffs."""
         return {
             "level": self.level,
             "depth": self.depth,
             "healthy_steps": self.healthy_steps,
+            "since_backoff": self.since_backoff,
             "backoffs": self.backoffs,
         }
 
@@ -505,6 +516,7 @@ class LRBackoff(Remedy):
         self.level = float(state.get("level", 0.0))
         self.depth = float(state.get("depth", 0.0))
         self.healthy_steps = int(state.get("healthy_steps", 0))
+        self.since_backoff = int(state.get("since_backoff", self.cooldown))
         self.backoffs = int(state.get("backoffs", 0))
 
 
@@ -587,7 +599,9 @@ def _check_number(
         or number <= low
         or (high is not None and (number >= high if high_open else number > high))
     ):
-        raise ValueError(f"{name} must be {'in ' if high is not None else ''}{bounds}, got {value!r}")
+        raise ValueError(
+            f"{name} must be {'in ' if high is not None else ''}{bounds}, got {value!r}"
+        )
     return number
 
 
@@ -608,7 +622,9 @@ def _check_names(
     names = tuple(names)
     unknown = [n for n in names if n not in allowed]
     if unknown:
-        raise ValueError(f"{name} has unknown name(s) {unknown!r}: choose from {allowed}, got {value!r}")
+        raise ValueError(
+            f"{name} has unknown name(s) {unknown!r}: choose from {allowed}, got {value!r}"
+        )
     if not names and not allow_empty:
         raise ValueError(f"{name} must name at least one of {allowed}, got {value!r}")
     return names

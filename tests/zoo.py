@@ -102,3 +102,13 @@ def regression_data(n: int = 256, d_in: int = 16, seed: int = 0) -> tuple[torch.
     w = torch.randn(d_in, 1, generator=g)
     y = torch.sin(x @ w) + 0.1 * torch.randn(n, 1, generator=g)
     return x, y
+
+
+def wide_gelu_mlp(width: int = 1024, d_in: int = 16, seed: int = 0) -> nn.Sequential:
+    """One wide GELU hidden layer.
+
+    With SGD(lr=0.5, momentum=0.9) on ``regression_data`` (full batch) its loss turns inf/NaN within
+    about 5 steps; the same net trains fine at lr=0.05.
+    """
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, width), nn.GELU(), nn.Linear(width, 1))
