@@ -45,7 +45,6 @@ from common import (
     Monitor,
     Trainee,
     Unavailable,
-    Variant,
     Workload,
     add_common_arguments,
     markdown_table,
@@ -100,7 +99,10 @@ def measure_in_child(
         for _ in range(steps):
             loss = trainee.forward_backward()
             trainee.finish(monitor.after_backward(loss))
-        after_kb, after_peak_kb = current_rss_kb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        after_kb, after_peak_kb = (
+            current_rss_kb(),
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        )
         _, python_peak = tracemalloc.get_traced_memory()
         monitor.close()
     return {
@@ -121,8 +123,19 @@ def current_rss_kb() -> int:
 
 def _run_child(workload: str, variant: str, window: int, steps: int, threads: int) -> dict:
     command = [
-        sys.executable, __file__, "--child", "--workload", workload, "--variant", variant,
-        "--window", str(window), "--steps", str(steps), "--threads", str(threads),
+        sys.executable,
+        __file__,
+        "--child",
+        "--workload",
+        workload,
+        "--variant",
+        variant,
+        "--window",
+        str(window),
+        "--steps",
+        str(steps),
+        "--threads",
+        str(threads),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -147,16 +160,24 @@ def run(quick: bool, threads: int) -> str:
         extra = result["rss_growth_kb"] - bare.get("rss_growth_kb", 0)
         extra_peak = result["peak_growth_kb"] - bare.get("peak_growth_kb", 0)
         rows.append(
-            [name, _mb(result["rss_growth_kb"]), _mb(extra), _mb(extra_peak),
-             _mb(result["python_peak_bytes"] / 1024)]
+            [
+                name,
+                _mb(result["rss_growth_kb"]),
+                _mb(extra),
+                _mb(extra_peak),
+                _mb(result["python_peak_bytes"] / 1024),
+            ]
         )
     header = [
-        "variant", "RSS growth MB", "minus bare MB", "peak RSS growth minus bare MB",
+        "variant",
+        "RSS growth MB",
+        "minus bare MB",
+        "peak RSS growth minus bare MB",
         "Python peak MB (tracemalloc)",
     ]
     reference_table = markdown_table(header, rows)
 
-    layers = len(list(MANY_SMALL.build_model().children())[0])
+    layers = len(next(iter(MANY_SMALL.build_model().children())))
     bare_small = _run_child(MANY_SMALL.name, BARE.name, 0, steps, threads)
     window_rows = []
     for window in WINDOWS:
@@ -168,20 +189,27 @@ def run(quick: bool, threads: int) -> str:
         mirror_kb = min(window, steps) * (layers + 3) * 4 / 1024
         extra = result["rss_growth_kb"] - bare_small.get("rss_growth_kb", 0)
         window_rows.append(
-            [str(window), _mb(ring_kb), _mb(mirror_kb), _mb(extra),
-             _mb(result["python_peak_bytes"] / 1024)]
+            [
+                str(window),
+                _mb(ring_kb),
+                _mb(mirror_kb),
+                _mb(extra),
+                _mb(result["python_peak_bytes"] / 1024),
+            ]
         )
     window_header = [
-        "window", "device ring MB (expected)", f"host mirror after {steps} steps MB (expected)",
-        "RSS growth minus bare MB", "Python peak MB",
+        "window",
+        "device ring MB (expected)",
+        f"host mirror after {steps} steps MB (expected)",
+        "RSS growth minus bare MB",
+        "Python peak MB",
     ]
     return (
         f"**Memory, reference MLP** ({steps} monitored steps after {SETTLE_STEPS} bare ones; "
         "a copy of the gradients would be 24.2 MB)\n\n"
         + reference_table
         + f"\n\n**Memory vs window, probe on the 1,000-tensor model** ({layers} layers, {steps} "
-        "steps)\n\n"
-        + markdown_table(window_header, window_rows)
+        "steps)\n\n" + markdown_table(window_header, window_rows)
     )
 
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import statistics
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,6 +27,7 @@ from common import (
     PROBE,
     REFERENCE,
     WORKLOADS,
+    GradWatchMonitor,
     PairedResult,
     Variant,
     add_common_arguments,
@@ -85,8 +89,13 @@ def run(quick: bool, device: torch.device, workdir: Path) -> str:
     settings = QUICK if quick else FULL
     sections = []
     for workload in WORKLOADS:
-        result = run_paired(workload, ALL_VARIANTS, workdir / workload.name.replace(" ", "_"),
-                            device=device, **settings)
+        result = run_paired(
+            workload,
+            ALL_VARIANTS,
+            workdir / workload.name.replace(" ", "_"),
+            device=device,
+            **settings,
+        )
         sections.append(overhead_table(result))
     if device.type == "cuda":
         sections.append(host_sync_table(workdir, steps=20 if quick else 200))
@@ -101,7 +110,9 @@ def host_sync_table(workdir: Path, steps: int) -> str:
     rows = []
     for variant in ALL_VARIANTS[1:]:
         try:
-            per_step = count_host_syncs(REFERENCE, variant, workdir / "syncs", steps=steps, warmup=5)
+            per_step = count_host_syncs(
+                REFERENCE, variant, workdir / "syncs", steps=steps, warmup=5
+            )
         except Exception as error:  # an unavailable variant or an unsupported debug mode
             rows.append([variant.name, f"not measured: {error}"])
             continue
@@ -124,12 +135,73 @@ def profile_probe(steps: int, device: torch.device) -> str:
     return (
         f"**Profile of one monitoring call** (reference MLP, {steps} steps, cProfile; own time per "
         "step; cProfile inflates Python-heavy code, compare the rows with each other)\n\n"
-        + markdown_table(["variant", "function", "calls / step", "own µs / step", "cum µs / step"],
-                         rows)
+        + markdown_table(
+            ["variant", "function", "calls / step", "own µs / step", "cum µs / step"], rows
+        )
+        + "\n\n"
+        + component_table(steps, device)
     )
 
 
-def _profile_variant(variant: Variant, steps: int, device: torch.device, workdir: Path) -> list[list[str]]:
+def component_table(repeats: int, device: torch.device) -> str:
+    """Median µs of the pieces of ``watch.step()`` (``detectors=()``), called on fixed gradients.
+
+    Diagnostic only: it reaches into gradwatch internals (``watch._context.probe``), so each piece
+    can be timed without a profiler's own overhead. The full ``watch.step()`` is repeated on the
+    same gradients by clearing the watch's "same backward pass" fingerprint before each call.
+    """
+    trainee = REFERENCE.instantiate(device)
+    monitor = GradWatchMonitor(trainee, detectors=())
+    watch = monitor.watch
+    loss = trainee.forward_backward()
+    watch.step(loss=loss)
+    grads = [p.grad for p in trainee.model.parameters() if p.grad is not None]
+
+    def full_step() -> None:
+        watch._fingerprint = None
+        watch.step(loss=loss)
+
+    try:
+        probe = watch._context.probe
+        pattern = probe.grad_pattern()
+        pieces = {
+            "floor: `torch._foreach_norm(grads)`": lambda: torch._foreach_norm(grads),
+            "`probe.grad_pattern()`": probe.grad_pattern,
+            "`probe.grad_sq_norms(pattern)` (foreach + stack + index_add)": lambda: (
+                probe.grad_sq_norms(pattern)
+            ),
+            "`watch._grad_fingerprint(pattern)`": lambda: watch._grad_fingerprint(pattern),
+            "full `watch.step(loss)` (flush every 50 calls included)": full_step,
+        }
+        rows = [
+            [name, f"{_median_us(piece, repeats, device):.0f}"] for name, piece in pieces.items()
+        ]
+    except AttributeError as error:  # gradwatch internals changed: this diagnostic needs updating
+        return f"*component timing not measured: {error}*"
+    finally:
+        monitor.close()
+    return (
+        f"**Pieces of `watch.step()`** (reference MLP, {len(grads)} gradients, median of "
+        f"{repeats} calls on the same gradients)\n\n" + markdown_table(["piece", "µs"], rows)
+    )
+
+
+def _median_us(function: Callable[[], object], repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def _profile_variant(
+    variant: Variant, steps: int, device: torch.device, workdir: Path
+) -> list[list[str]]:
     trainee = REFERENCE.instantiate(device)
     monitor = variant.make(trainee, workdir)
     profiler = cProfile.Profile()

@@ -1,11 +1,11 @@
 """How the cost of ``watch.step()`` (``detectors=()``) grows with the number and size of tensors.
 
 Run ``python benchmarks/bench_scaling.py [--quick]``. Each configuration is a residual stack of
-``k`` Linear(w, w) layers (``2k`` parameter tensors, ``k (w² + w)`` elements) trained with AdamW on
-batch 64; the bare step, the floor (one ``torch._foreach_norm``) and the probe alternate step by step
-(see ``common.py``). Two sweeps: the tensor count at a fixed total size (about 1M elements), and the
-total size at a fixed count (100 tensors). The absolute µs per step show how the work itself grows;
-the percentages relate it to a step of that model.
+``k`` Linear(w, w) layers (``2k`` parameter tensors, ``k (w² + w)`` elements) trained with AdamW
+on batch 64; the bare step, the floor (one ``torch._foreach_norm``) and the probe alternate step
+by step (see ``common.py``). Two sweeps: the tensor count at a fixed total size (about 1M
+elements), and the total size at a fixed count (100 tensors). The absolute µs per step show how
+the work itself grows; the percentages relate it to a step of that model.
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ def stack_workload(tensors: int, elements: int) -> Workload:
     )
 
 
-def scaling_rows(workloads: list[Workload], workdir: Path, settings: dict[str, int]) -> list[list[str]]:
+def scaling_rows(
+    workloads: list[Workload], workdir: Path, settings: dict[str, int]
+) -> list[list[str]]:
     """One table row per workload: bare step, floor and probe costs."""
     rows = []
     for workload in workloads:

@@ -41,12 +41,13 @@ import torch
 from torch import nn
 
 DEFAULT_THREADS = 2  # DESIGN.md's reference setting
-BLOCK_ROUNDS = 100  # a multiple of gradwatch's flush cadence (50) and of the hand-written histogram cadence (100)
+# A multiple of gradwatch's flush cadence (50) and of the hand-written histogram cadence (100).
+BLOCK_ROUNDS = 100
 HANDWRITTEN_HISTOGRAM_EVERY = 100
 LIGHTNING_LOG_EVERY = 50  # Lightning's default Trainer(log_every_n_steps=50)
 
 
-# ---------------------------------------------------------------------------------------- workloads
+# --------------------------------------------------------------------------------------- workloads
 
 
 @dataclass
@@ -116,7 +117,9 @@ class Workload:
         for _ in range(num_batches):
             inputs = torch.randn(self.input_shape, generator=generator)
             if self.num_classes:
-                targets = torch.randint(0, self.num_classes, (self.input_shape[0],), generator=generator)
+                targets = torch.randint(
+                    0, self.num_classes, (self.input_shape[0],), generator=generator
+                )
             else:
                 targets = torch.randn((self.input_shape[0], self.output_dim), generator=generator)
             batches.append((inputs.to(device), targets.to(device)))
@@ -156,7 +159,7 @@ def small_cnn() -> nn.Sequential:
 
 
 class ResidualStack(nn.Module):
-    """``depth`` residual steps ``x + tanh(Linear(x))``: many small parameter tensors, stable values.
+    """``depth`` residual steps ``x + tanh(Linear(x))``: many small tensors, finite values.
 
     Args:
         depth: Number of Linear layers (two parameter tensors each).
@@ -176,7 +179,9 @@ class ResidualStack(nn.Module):
 
 REFERENCE = Workload(
     name="reference MLP",
-    description="24 x [Linear(512), LayerNorm(512), GELU], AdamW, batch 64 (96 tensors, 6.3M params)",
+    description=(
+        "24 x [Linear(512), LayerNorm(512), GELU], AdamW, batch 64 (96 tensors, 6.3M params)"
+    ),
     build_model=reference_mlp,
     input_shape=(64, 512),
     output_dim=512,
@@ -191,7 +196,9 @@ CNN = Workload(
 )
 MANY_SMALL = Workload(
     name="1,000 small tensors",
-    description="500 x residual [Linear(16,16), tanh], AdamW, batch 64 (1,000 tensors, 136k params)",
+    description=(
+        "500 x residual [Linear(16,16), tanh], AdamW, batch 64 (1,000 tensors, 136k params)"
+    ),
     build_model=lambda: ResidualStack(500, 16),
     input_shape=(64, 16),
     output_dim=16,
@@ -365,7 +372,9 @@ def _require(condition: bool, reason: str) -> None:
 
 
 def _tensorboard_kwargs(workdir: Path, tag: str) -> dict[str, Any]:
-    _require(has_module("gradwatch.sinks.tensorboard"), "gradwatch.sinks.tensorboard not written yet")
+    _require(
+        has_module("gradwatch.sinks.tensorboard"), "gradwatch.sinks.tensorboard not written yet"
+    )
     return {"logdir": str(workdir / tag)}
 
 
@@ -409,7 +418,7 @@ LIGHTNING = Variant("Lightning `grad_norm` + log_dict (lower bound)", _Lightning
 ALL_VARIANTS = (BARE, FLOOR, PROBE, DEFAULT, REMEDIES, HISTOGRAMS, HANDWRITTEN, LIGHTNING)
 
 
-# ---------------------------------------------------------------------------------------- measurement
+# ------------------------------------------------------------------------------------- measurement
 
 
 @dataclass
@@ -469,17 +478,19 @@ def quantiles(values: Sequence[float]) -> tuple[float, float, float]:
 
 def overhead_percent(times: Sequence[float], bare: Sequence[float]) -> tuple[float, float, float]:
     """Per-round ``(t / t_bare - 1) * 100``: 25th percentile, median, 75th percentile."""
-    return quantiles([(t / b - 1.0) * 100.0 for t, b in zip(times, bare)])
+    return quantiles([(t / b - 1.0) * 100.0 for t, b in zip(times, bare, strict=True)])
 
 
 def points_over(times: Sequence[float], floor: Sequence[float], bare: Sequence[float]) -> float:
-    """Median over rounds of ``(t - t_floor) / t_bare * 100`` (percentage points of the bare step)."""
-    return statistics.median((t - f) / b * 100.0 for t, f, b in zip(times, floor, bare))
+    """Median over rounds of ``(t - t_floor) / t_bare * 100``, in points of the bare step."""
+    return statistics.median(
+        (t - f) / b * 100.0 for t, f, b in zip(times, floor, bare, strict=True)
+    )
 
 
 def extra_microseconds(times: Sequence[float], reference: Sequence[float]) -> float:
     """Median over rounds of ``t - t_reference`` in microseconds."""
-    return statistics.median((t - r) * 1e6 for t, r in zip(times, reference))
+    return statistics.median((t - r) * 1e6 for t, r in zip(times, reference, strict=True))
 
 
 def amortised_percent(times: Sequence[float], bare: Sequence[float]) -> float:
@@ -561,8 +572,11 @@ def run_paired(
             continue
         running.append((result, trainee, monitor))
     started = time.perf_counter()
-    print(f"[{workload.name}] {len(running)} variants, {warmup} warm-up + {rounds} rounds",
-          file=sys.stderr, flush=True)
+    print(
+        f"[{workload.name}] {len(running)} variants, {warmup} warm-up + {rounds} rounds",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         for _ in range(warmup):
             for result, trainee, monitor in running:
@@ -575,8 +589,12 @@ def run_paired(
                 with _collect_gradwatch_warnings(result.warnings):
                     result.times.append(timed_step(trainee, monitor))
             if (round_index + 1) % max(1, rounds // 5) == 0:
-                print(f"[{workload.name}] round {round_index + 1}/{rounds}, "
-                      f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+                print(
+                    f"[{workload.name}] round {round_index + 1}/{rounds}, "
+                    f"{time.perf_counter() - started:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         for result, _, monitor in running:
             with _collect_gradwatch_warnings(result.warnings):
@@ -584,7 +602,7 @@ def run_paired(
     return PairedResult(workload, device, rounds, results)
 
 
-# ---------------------------------------------------------------------------------------- GPU syncs
+# --------------------------------------------------------------------------------------- GPU syncs
 
 
 def count_host_syncs(
@@ -620,14 +638,18 @@ def count_host_syncs(
     return syncs / steps
 
 
-# ---------------------------------------------------------------------------------------- tables
+# ------------------------------------------------------------------------------------------ tables
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """``--quick``, ``--threads`` and ``--device``, shared by every benchmark script."""
-    parser.add_argument("--quick", action="store_true", help="few rounds: a smoke run, noisy numbers")
     parser.add_argument(
-        "--threads", type=int, default=DEFAULT_THREADS,
+        "--quick", action="store_true", help="few rounds: a smoke run, noisy numbers"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
         help="torch.set_num_threads (2 is the reference; on a loaded machine 1 avoids OpenMP "
         "spin-wait stalls that make 2-thread timings meaningless)",
     )

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/run.py                  # the full run behind benchmarks/RESULTS.md (~1 h quiet)
+    python benchmarks/run.py                  # the full run behind RESULTS.md (~1 h, quiet)
     python benchmarks/run.py --quick          # smoke run: every code path, noisy numbers (minutes)
     python benchmarks/run.py --only overhead scaling --output report.md
 

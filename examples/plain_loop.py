@@ -51,8 +51,10 @@ def main() -> None:
         for name, norm in watch.last_norms().items():
             print(f"  {name:>4}: {norm:.4f}")
         history = watch.history()
-        print(f"history window: {len(history['step'])} steps, from {history['step'][0]} to "
-              f"{history['step'][-1]}")
+        print(
+            f"history window: {len(history['step'])} steps, from {history['step'][0]} to "
+            f"{history['step'][-1]}"
+        )
         print(f"final loss: {loss.item():.4f}")
         print()
         print(watch.summary())

@@ -2,8 +2,8 @@
 
 An Elman RNN (tanh) whose recurrent matrix has spectral radius 3 multiplies the gradient by up to
 3 at every one of its 40 time steps on the way back. Trained with plain SGD, the first update
-overshoots, the loss climbs past 1e30 and then turns into NaN. gradwatch raises EXPLODING at step 0 (the
-gradient is many times the size of the weights), then NONFINITE where the NaN starts.
+overshoots, the loss climbs past 1e30 and then turns into NaN. gradwatch raises EXPLODING at
+step 0 (the gradient is many times the size of the weights), then NONFINITE where the NaN starts.
 
 The same run with the `gw.ClipNorm(max_norm=1.0)` remedy reuses the norms gradwatch already
 computed to rescale the gradients on the device (no host sync): every update has norm at most
@@ -63,9 +63,13 @@ def train(name: str, remedies: list[gw.Remedy], steps: int) -> None:
                 optimizer.step()
             optimizer.zero_grad()
             if step % 10 == 0 or step == steps - 1:
-                clip = "" if report.clip_coef is None else f", clip coef {report.clip_coef.item():.1e}"
-                print(f"step {step:3d}: loss {loss.item():.3e}, gradient norm "
-                      f"{report.total_norm.item():.2e}{clip}")
+                clip = (
+                    "" if report.clip_coef is None else f", clip coef {report.clip_coef.item():.1e}"
+                )
+                print(
+                    f"step {step:3d}: loss {loss.item():.3e}, gradient norm "
+                    f"{report.total_norm.item():.2e}{clip}"
+                )
         for alert in watch.alerts:
             print(f"ALERT {alert.kind.value} at step {alert.step}: {alert.message}")
     print()

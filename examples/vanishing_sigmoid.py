@@ -81,8 +81,10 @@ def train(name: str, model: nn.Module, steps: int, logdir: Path) -> None:
         names = watch.layer_names
         first, last = norms[names[0]], norms[names[-1]]
         print(f"=== {name}: {len(names)} layers, final loss {loss.item():.4f}")
-        print(f"first layer '{names[0]}' gradient norm {first:.2e}, last layer '{names[-1]}' "
-              f"{last:.2e}: first/last layer gradient ratio {first / last:.1e}")
+        print(
+            f"first layer '{names[0]}' gradient norm {first:.2e}, last layer '{names[-1]}' "
+            f"{last:.2e}: first/last layer gradient ratio {first / last:.1e}"
+        )
         vanishing = [a for a in watch.alerts if a.kind is gw.AlertKind.VANISHING]
         if not vanishing:
             print("no vanishing-gradient alert")

@@ -10,6 +10,7 @@ from torch import nn
 
 from gradwatch.alerts import Alert, AlertKind
 from gradwatch.layers import Layer
+from gradwatch.distributed import all_reduce_max_
 from gradwatch.transfer import to_host
 
 if TYPE_CHECKING:
@@ -146,12 +147,15 @@ class StepObservation:
     def host_flags(self) -> dict[AlertKind, bool]:
         """This step's detection flags on the host: one transfer per step, shared by all callers.
 
-        Only remedies that must decide on the host (LR backoff, skip step) call this.
+        Only remedies that must decide on the host (LR backoff, skip step) call this. Under
+        ``torch.distributed`` the flags are OR-ed over ranks first (one tiny all-reduce), so a
+        per-rank quantity such as the loss or an activation never splits the ranks' decisions.
         """
         if self._host_flags is None:
             kinds = list(self.flags)
             extra = [~self.grads_finite & ~self.overflow, ~self.loss_finite]
-            values = to_host([torch.stack([self.flags[k] for k in kinds] + extra)])[0]
+            stacked = torch.stack([self.flags[k] for k in kinds] + extra).float()
+            values = to_host([all_reduce_max_(stacked)])[0]
             self._host_flags = {k: bool(v) for k, v in zip(kinds, values[: len(kinds)])}
             self._host_flags[AlertKind.NONFINITE] = bool(
                 self._host_flags.get(AlertKind.NONFINITE, False) or values[-2] or values[-1]
