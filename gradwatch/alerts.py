@@ -85,7 +85,9 @@ class AlertBook:
         cooldown: Steps without a detection after which a condition counts as over.
     """
 
-    def __init__(self, on_alert: Callable[[Alert], None] | None = None, cooldown: int = 100) -> None:
+    def __init__(
+        self, on_alert: Callable[[Alert], None] | None = None, cooldown: int = 100
+    ) -> None:
         self.on_alert = on_alert
         self.cooldown = cooldown
         self.alerts: list[Alert] = []
@@ -101,7 +103,9 @@ class AlertBook:
             return None
         self._open[alert.kind] = _Episode(alert, last_step, count, alert.value)
         self.alerts.append(alert)
-        log = {"info": logger.info, "warning": logger.warning, "error": logger.error}[alert.severity]
+        log = {"info": logger.info, "warning": logger.warning, "error": logger.error}[
+            alert.severity
+        ]
         log("%s", alert)
         if self.on_alert is not None:
             try:
@@ -126,8 +130,12 @@ class AlertBook:
         return {
             "alerts": [_alert_to_dict(a) for a in self.alerts],
             "open": {
-                k.value: {"index": self.alerts.index(e.alert), "last_step": e.last_step,
-                          "count": e.count, "peak": e.peak}
+                k.value: {
+                    "index": self.alerts.index(e.alert),
+                    "last_step": e.last_step,
+                    "count": e.count,
+                    "peak": e.peak,
+                }
                 for k, e in self._open.items()
                 if e.alert in self.alerts
             },

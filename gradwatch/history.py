@@ -1,4 +1,4 @@
-"""History: a fixed-size ring buffer of per-layer norms on the device, mirrored on the host at flush."""
+"""History: a fixed-size ring buffer of per-layer norms on the device, mirrored at flush."""
 
 from __future__ import annotations
 
@@ -34,7 +34,11 @@ class NormHistory:
         self.host_lr_scale = np.zeros(0, dtype=np.float32)
 
     def write(
-        self, step: int, norms: torch.Tensor, total: torch.Tensor, clip_coef: torch.Tensor | None,
+        self,
+        step: int,
+        norms: torch.Tensor,
+        total: torch.Tensor,
+        clip_coef: torch.Tensor | None,
         lr_scale: float,
     ) -> None:
         """Stores one step's values (device-side copies, no sync)."""

@@ -17,7 +17,8 @@ class Layer:
     Attributes:
         name: Module path (``"encoder.0"``), ``""`` for the root module.
         module: The module itself.
-        params: Its trainable parameters not already owned by an earlier layer (tied ones counted once).
+        params: Its trainable parameters not already owned by an earlier layer (tied ones are
+            counted once).
     """
 
     name: str
@@ -31,7 +32,7 @@ class Layer:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Returns the user's module inside ``DistributedDataParallel``/``DataParallel``/``torch.compile``."""
+    """The user's module inside ``DistributedDataParallel``/``DataParallel``/``torch.compile``."""
     while True:
         inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
         if isinstance(inner, nn.Module):

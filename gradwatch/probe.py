@@ -1,4 +1,4 @@
-"""The probe: per-layer sums of squares of the gradients (or weights), one foreach pass, on device."""
+"""The probe: per-layer sums of squares of gradients (or weights), one foreach pass, on device."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ class GradientProbe:
 
     Tensors are grouped by device and dtype once per pattern of present gradients; each group is
     reduced with one ``_foreach_norm`` call accumulating in float32, sparse gradients fall back to
-    a per-tensor norm. Per-tensor squares are summed into layers with ``index_add_``. Everything stays
-    on the home device; sharded (DTensor) models are all-reduced once per call.
+    a per-tensor norm. Per-tensor squares are summed into layers with ``index_add_``. Everything
+    stays on the home device; sharded (DTensor) models are all-reduced once per call.
 
     Args:
         layers: The layers, in the order their values are reported.
@@ -132,7 +132,8 @@ class GradientProbe:
         weights = None
         if self._weights is not None:
             weights = torch.tensor(
-                [self._weights[present[pos]] for pos in order], dtype=torch.float32,
+                [self._weights[present[pos]] for pos in order],
+                dtype=torch.float32,
                 device=self.device,
             )
         has_grad = torch.zeros(self.num_layers, dtype=torch.bool, device=self.device)

@@ -19,10 +19,10 @@ class FlushRecord:
         steps: ``[k]`` steps recorded since the previous flush.
         grad_norms: ``[k, L]`` per-layer gradient norms of those steps (before remedies).
         total_norms: ``[k]`` total gradient norm of those steps (before remedies).
-        clip_coefs: ``[k]`` gradient scale applied by remedies, or None when no clipping remedy runs.
+        clip_coefs: ``[k]`` gradient scale applied by remedies, or None without a clipping remedy.
         lr_scales: ``[k]`` learning-rate scale, or None when no learning-rate remedy runs.
         weight_norms: ``[L]`` per-layer weight norms at the last step.
-        update_ratios: ``[L]`` last per-layer update/weight ratio, or None (``track_updates=False``).
+        update_ratios: ``[L]`` last per-layer update/weight ratio, None without ``track_updates``.
         histograms: ``(step, layer name, histogram)`` per histogram taken; each histogram is a dict
             of ``add_histogram_raw`` keyword arguments.
         new_alerts: Alerts that materialised at this flush.

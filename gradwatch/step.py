@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from gradwatch.alerts import Alert, AlertKind
-from gradwatch.layers import Layer
 from gradwatch.distributed import all_reduce_max_
+from gradwatch.layers import Layer
 from gradwatch.transfer import to_host
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class WatchContext:
                 self.model, self.optimizer, remedies=self.remedies, scaler=self.scaler
             )
         return self._profile
+
     activations: Any = None
     remedies: tuple[Any, ...] = ()
 
@@ -129,11 +130,13 @@ class StepObservation:
         return self.context.probe.grads(self.pattern)
 
     def scale_grads(self, coef: torch.Tensor) -> None:
-        """Multiplies every gradient by the 0-d ``coef`` (on device, no sync) and tracks the result."""
+        """Multiplies every gradient by the 0-d ``coef`` on the device (no sync); tracks norms."""
         _, grads = self.grads()
         coef = coef.detach().to(torch.float32)
         for device_grads in _group_by_device_dtype(grads):
-            torch._foreach_mul_(device_grads, coef.to(device_grads[0].device, device_grads[0].dtype))
+            torch._foreach_mul_(
+                device_grads, coef.to(device_grads[0].device, device_grads[0].dtype)
+            )
         self.clip_coef = coef if self.clip_coef is None else self.clip_coef * coef
         self.norms_now = self.norms_now * coef  # type: ignore[operator]
         self.total_now = self.total_now * coef  # type: ignore[operator]
@@ -156,7 +159,9 @@ class StepObservation:
             extra = [~self.grads_finite & ~self.overflow, ~self.loss_finite]
             stacked = torch.stack([self.flags[k] for k in kinds] + extra).float()
             values = to_host([all_reduce_max_(stacked)])[0]
-            self._host_flags = {k: bool(v) for k, v in zip(kinds, values[: len(kinds)])}
+            self._host_flags = {
+                k: bool(v) for k, v in zip(kinds, values[: len(kinds)], strict=True)
+            }
             self._host_flags[AlertKind.NONFINITE] = bool(
                 self._host_flags.get(AlertKind.NONFINITE, False) or values[-2] or values[-1]
             )

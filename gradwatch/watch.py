@@ -6,7 +6,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -37,11 +37,12 @@ class GradWatch:
 
     Call :meth:`step` after ``loss.backward()`` (and ``scaler.unscale_``) and before
     ``optimizer.step()``, or :meth:`attach` to run it automatically before each optimizer step.
-    Nothing leaves the device between flushes; every ``log_every_n_steps`` steps one packed tensor is
-    copied to the host, alerts materialise and sinks are written.
+    Nothing leaves the device between flushes; every ``log_every_n_steps`` steps one packed tensor
+    is copied to the host, alerts materialise and sinks are written.
 
     Example:
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
         >>> with GradWatch(model, log_every_n_steps=10) as watch:
         ...     model(torch.randn(16, 4)).pow(2).mean().backward()
         ...     report = watch.step()
@@ -63,8 +64,8 @@ class GradWatch:
         check_activations: Forward hooks for saturation, dead units and the first non-finite output.
         track_updates: Measure the per-layer update/weight ratio on flush steps.
         on_alert: Called with each new alert, on the host.
-        nonfinite: ``"warn"`` (alert) or ``"raise"`` (:class:`GradientError` from :meth:`step`; reads
-            one flag per step).
+        nonfinite: ``"warn"`` (alert) or ``"raise"`` (:class:`GradientError` from :meth:`step`;
+            reads one flag per step).
         window: Steps of history kept (at least ``log_every_n_steps``).
         sinks: Extra sinks (e.g. a framework logger adapter), written at every flush on rank 0.
         params: Watch only these parameters of ``model`` (e.g. one optimizer's); default every
@@ -92,7 +93,9 @@ class GradWatch:
         params: Iterable[nn.Parameter] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}: {model!r}")
+            raise TypeError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}: {model!r}"
+            )
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
@@ -168,7 +171,7 @@ class GradWatch:
     def step(
         self, loss: torch.Tensor | float | None = None, *, global_step: int | None = None
     ) -> StepReport:
-        """Records one step: call after backward (and ``scaler.unscale_``), before ``optimizer.step``.
+        """Records one step, after backward (and ``scaler.unscale_``), before ``optimizer.step``.
 
         Args:
             loss: The step's loss, checked for NaN/Inf (never synced).
@@ -246,13 +249,16 @@ class GradWatch:
         if self._context is None or not len(self._history.host_steps):
             return {}
         row = self._history.host_norms[-1]
-        return {name: float(v) for name, v in zip(self.layer_names, row)}
+        return {name: float(v) for name, v in zip(self.layer_names, row, strict=True)}
 
     def history(self) -> dict[str, np.ndarray]:
         """The retained window: ``"step"`` and one norm array per layer (flushes pending steps)."""
         self.flush()
         if self._context is None:
-            return {"step": np.zeros(0, dtype=np.int64), **{n: np.zeros(0) for n in self.layer_names}}
+            return {
+                "step": np.zeros(0, dtype=np.int64),
+                **{n: np.zeros(0) for n in self.layer_names},
+            }
         return self._history.as_dict(self.layer_names)
 
     def summary(self) -> str:
@@ -273,8 +279,8 @@ class GradWatch:
         }
         if self._context is not None:
             state["history"] = self._history.state_dict()
-            state["detectors"] = [d.state_dict() for d in self.detectors]
-            state["remedies"] = [r.state_dict() for r in self.remedies]
+            state["detectors"] = [[type(d).__name__, d.state_dict()] for d in self.detectors]
+            state["remedies"] = [[type(r).__name__, r.state_dict()] for r in self.remedies]
         elif self._pending_state is not None:
             return dict(self._pending_state)
         return state
@@ -354,7 +360,8 @@ class GradWatch:
         fingerprint = self._grad_fingerprint(pattern)
         if self._same_gradients(self._fingerprint, fingerprint) and self._last_report is not None:
             self._warn_once(
-                "twice", "GradWatch.step() called twice for one backward pass; the repeat is ignored"
+                "twice",
+                "GradWatch.step() called twice for one backward pass; the repeat is ignored",
             )
             return self._last_report
         step = self._step if global_step is None else global_step
@@ -391,7 +398,7 @@ class GradWatch:
             context=context,
             activations=self._activations.collect() if self._activations is not None else None,
         )
-        for detector, rows in zip(self.detectors, self._rows):
+        for detector, rows in zip(self.detectors, self._rows, strict=True):
             detection = detector.observe(obs)
             previous = obs.flags.get(detector.kind)
             obs.flags[detector.kind] = (
@@ -432,11 +439,14 @@ class GradWatch:
         return [(weakref.ref(g), g._version) for g in grads if g is not None]
 
     @staticmethod
-    def _same_gradients(a: list[tuple[weakref.ref, int]] | None, b: list[tuple[weakref.ref, int]]) -> bool:
+    def _same_gradients(
+        a: list[tuple[weakref.ref, int]] | None, b: list[tuple[weakref.ref, int]]
+    ) -> bool:
         if a is None or len(a) != len(b) or not b:
             return False
         return all(
-            ra() is not None and ra() is rb() and va == vb for (ra, va), (rb, vb) in zip(a, b)
+            ra() is not None and ra() is rb() and va == vb
+            for (ra, va), (rb, vb) in zip(a, b, strict=True)
         )
 
     def _amp_overflow(self, grads_finite: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -461,7 +471,7 @@ class GradWatch:
             current = [distributed.local_part(p.detach()) for p in probe.params]
             if self._snapshot is not None:
                 deltas = torch._foreach_sub(current, self._snapshot)
-                sq = probe.reduce_tensors(deltas)
+                sq = probe.reduce_tensors(list(deltas))
                 weight_sq = probe.weight_sq_norms()
                 ratio = sq.sqrt() / weight_sq.sqrt().clamp_min(1e-12)
                 self._update_ratio = ratio
@@ -478,8 +488,14 @@ class GradWatch:
             if alert.kind is AlertKind.NONFINITE:
                 return alert
         return Alert(
-            AlertKind.NONFINITE, step, (), float("nan"), 0.0, "error",
-            "a gradient or the loss is NaN/Inf", advise(AlertKind.NONFINITE, self._context.profile),  # type: ignore[union-attr]
+            AlertKind.NONFINITE,
+            step,
+            (),
+            float("nan"),
+            0.0,
+            "error",
+            "a gradient or the loss is NaN/Inf",
+            advise(AlertKind.NONFINITE, self._context.profile),  # type: ignore[union-attr]
         )
 
     def _drop_gradients(self) -> None:
@@ -528,7 +544,7 @@ class GradWatch:
         new_alerts: list[Alert] = []
         if overflow_rows is not None:
             new_alerts += self._overflow_alerts(steps, overflow_rows)
-        for detector, det_rows in zip(self.detectors, detector_rows):
+        for detector, det_rows in zip(self.detectors, detector_rows, strict=True):
             alert = self._alert_from_rows(detector, steps, det_rows)
             if alert is not None:
                 new_alerts.append(alert)
@@ -548,7 +564,9 @@ class GradWatch:
         self._write_sinks(record)
         return new_alerts
 
-    def _alert_from_rows(self, detector: Detector, steps: np.ndarray, rows: np.ndarray) -> Alert | None:
+    def _alert_from_rows(
+        self, detector: Detector, steps: np.ndarray, rows: np.ndarray
+    ) -> Alert | None:
         fired = np.flatnonzero(rows[:, 0] > 0.5) if len(rows) else np.zeros(0, dtype=np.int64)
         if not len(fired):
             return None
@@ -619,10 +637,18 @@ class GradWatch:
             return
         if "history" in state:
             self._history.load_state_dict(state["history"])
-        for obj, sub in zip(self.detectors, state.get("detectors", [])):
-            obj.load_state_dict(sub)
-        for obj, sub in zip(self.remedies, state.get("remedies", [])):
-            obj.load_state_dict(sub)
+        for part in ("detectors", "remedies"):
+            objects: list[Detector | Remedy] = list(getattr(self, part))
+            saved = state.get(part, [])
+            if [name for name, _ in saved] != [type(obj).__name__ for obj in objects]:
+                self._warn_once(
+                    f"state-{part}",
+                    f"GradWatch.load_state_dict: the saved {part} differ from this watch's; "
+                    "their statistics start afresh",
+                )
+                continue
+            for obj, (_, sub) in zip(objects, saved, strict=True):
+                obj.load_state_dict(sub)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -654,19 +680,23 @@ def _resolve_detectors(
 ) -> list[Detector]:
     if isinstance(detectors, str):
         if detectors != "default":
-            raise ValueError(f"detectors must be 'default' or a sequence of detectors, got {detectors!r}")
+            raise ValueError(
+                f"detectors must be 'default' or a sequence of detectors, got {detectors!r}"
+            )
         from gradwatch.detectors import default_detectors
 
         return default_detectors(check_activations=check_activations, track_updates=track_updates)
     if not isinstance(detectors, Sequence):
-        raise TypeError(f"detectors must be 'default' or a sequence of detectors, got {detectors!r}")
+        raise TypeError(
+            f"detectors must be 'default' or a sequence of detectors, got {detectors!r}"
+        )
     for index, detector in enumerate(detectors):
         if not isinstance(detector, Detector):
             raise TypeError(
                 f"detectors[{index}] must be a gradwatch detector (e.g. gw.SpikeDetector()), "
                 f"got {detector!r}"
             )
-    return list(detectors)
+    return list(cast("Sequence[Detector]", detectors))
 
 
 def _resolve_remedies(remedies: Sequence[Remedy], optimizer: object) -> list[Remedy]:

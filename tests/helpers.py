@@ -26,7 +26,11 @@ def reference_norms(model: nn.Module, names: list[str]) -> dict[str, float]:
     for name in names:
         assert name in modules
         sq = sum(
-            (p.grad.double().pow(2).sum() if p.grad is not None else torch.zeros((), dtype=torch.float64))
+            (
+                p.grad.double().pow(2).sum()
+                if p.grad is not None
+                else torch.zeros((), dtype=torch.float64)
+            )
             for p in owner[name]
         )
         out[name] = float(torch.as_tensor(sq).sqrt())

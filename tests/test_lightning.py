@@ -392,7 +392,7 @@ def test_lr_backoff_acts_on_the_same_step_and_composes_with_the_scheduler(
 ) -> None:
     decay, steps = 0.9, 4
     model = Regression(_small_net(), lr=1.0, lr_decay=decay)
-    backoff = gw.LRBackoff(factor=0.5, on=("spike",))
+    backoff = gw.LRBackoff(factor=0.5, on=("spike",), cooldown=1)  # compound every step
     callback = GradWatchCallback(detectors=[AlwaysFires()], remedies=[backoff], log_every_n_steps=1)
     trainer = _trainer(tmp_path, [callback], max_steps=steps)
     trainer.fit(model, _loader())

@@ -93,7 +93,9 @@ def test_tied_frozen_and_unused_parameters() -> None:
         warnings.simplefilter("error")
         model(torch.tensor([[1, 2, 3]])).pow(2).mean().backward()
         watch.step()
-    assert "frozen" not in watch.layer_names and "out" not in watch.layer_names  # tied: counted once
+    assert (
+        "frozen" not in watch.layer_names and "out" not in watch.layer_names
+    )  # tied: counted once
     assert watch.layer_names == ["embed", "unused"]
     norms = watch.last_norms()
     assert norms["unused"] == 0.0  # no gradient this step: zero, not NaN
@@ -261,7 +263,11 @@ def test_context_manager_closes() -> None:
         ({"model": nn.Linear(2, 2).requires_grad_(False)}, ValueError, "no trainable parameters"),
         ({"log_every_n_steps": 0}, ValueError, "log_every_n_steps must be >= 1, got 0"),
         ({"log_every_n_steps": 2.5}, TypeError, "log_every_n_steps must be an int"),
-        ({"histogram_every_n_steps": -1}, ValueError, "histogram_every_n_steps must be >= 0, got -1"),
+        (
+            {"histogram_every_n_steps": -1},
+            ValueError,
+            "histogram_every_n_steps must be >= 0, got -1",
+        ),
         ({"detectors": "all"}, ValueError, "detectors must be 'default'"),
         ({"detectors": [object()]}, TypeError, r"detectors\[0\] must be a gradwatch detector"),
         ({"remedies": [object()]}, TypeError, r"remedies\[0\] must be a gradwatch remedy"),
@@ -327,7 +333,9 @@ def test_track_updates_measures_the_exact_update_ratio_on_flush_steps() -> None:
         if step == 6:  # the update measured at the flush of step 7
             grads = reference_norms(model, watch.layer_names)
             weights = {
-                name: float(torch.cat([p.detach().reshape(-1) for p in m.parameters(recurse=False)]).norm())
+                name: float(
+                    torch.cat([p.detach().reshape(-1) for p in m.parameters(recurse=False)]).norm()
+                )
                 for name, m in model.named_modules()
                 if name in watch.layer_names
             }

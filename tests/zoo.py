@@ -1,4 +1,4 @@
-"""Small models shared by the tests: healthy ones that must stay quiet, pathological ones that must fire."""
+"""Small models shared by the tests: healthy ones that stay quiet, pathological ones that fire."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 
-def deep_mlp(activation: type[nn.Module], depth: int = 20, width: int = 32, d_in: int = 16) -> nn.Sequential:
+def deep_mlp(
+    activation: type[nn.Module], depth: int = 20, width: int = 32, d_in: int = 16
+) -> nn.Sequential:
     """A plain MLP with PyTorch's default initialisation (sigmoid/tanh: vanishing)."""
     layers: list[nn.Module] = []
     dim = d_in
@@ -85,17 +87,23 @@ class SequenceRegressor(nn.Module):
         return self.head(out[:, -1])
 
 
-def exploding_rnn(radius: float = 3.0, d_in: int = 8, hidden: int = 32, seed: int = 0) -> SequenceRegressor:
-    """An Elman RNN (identity nonlinearity would be linear; tanh kept) whose recurrent matrix has spectral radius ``radius``."""
+def exploding_rnn(
+    radius: float = 3.0, d_in: int = 8, hidden: int = 32, seed: int = 0
+) -> SequenceRegressor:
+    """An Elman (tanh) RNN whose recurrent matrix has spectral radius ``radius``."""
     torch.manual_seed(seed)
     model = SequenceRegressor("RNN", d_in, hidden)
     q, _ = torch.linalg.qr(torch.randn(hidden, hidden))
     with torch.no_grad():
-        model.rnn.weight_hh_l0.copy_(radius * q)  # orthogonal * radius: every eigenvalue has |λ| = radius
+        model.rnn.weight_hh_l0.copy_(
+            radius * q
+        )  # orthogonal * radius: every eigenvalue has |λ| = radius
     return model
 
 
-def regression_data(n: int = 256, d_in: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def regression_data(
+    n: int = 256, d_in: int = 16, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed synthetic regression task."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d_in, generator=g)
