@@ -112,6 +112,9 @@ class Detector:
     """
 
     kind: ClassVar[AlertKind]
+    windowed: ClassVar[bool] = False
+    """Evaluated once per flush over the steps since the previous flush (:meth:`observe_window`,
+    still on the device) instead of every step: for slow conditions that no remedy acts on."""
     severity: str = "warning"
     threshold: float = 0.0
 
@@ -125,6 +128,18 @@ class Detector:
 
     def observe(self, obs: StepObservation) -> Detection:
         """Updates the statistics with one step and says whether the condition holds."""
+        raise NotImplementedError
+
+    def observe_window(self, norms: torch.Tensor, totals: torch.Tensor) -> Detection:
+        """Windowed detectors: verdicts for ``k`` steps at once, at the flush.
+
+        Args:
+            norms: ``[k, L]`` per-layer gradient norms of the steps since the last flush.
+            totals: ``[k]`` their total norms (non-finite on invalid steps).
+
+        Returns:
+            A detection whose ``fired`` and ``value`` are ``[k]`` and ``scores`` ``[k, C]``.
+        """
         raise NotImplementedError
 
     def message(self, value: float, layers: tuple[str, ...]) -> str:
@@ -149,6 +164,9 @@ class VanishingDetector(Detector):
     least two comparable layers. Fires once the ratio stayed below ``ratio`` for ``patience``
     consecutive valid steps; names the layers below ``ratio`` times the last quarter, tiniest first.
 
+    A slow condition that no remedy acts on, so it is evaluated once per flush over the pending
+    steps (``[k, L]`` on the device) rather than every step: no per-step cost.
+
     Example:
         >>> watch = GradWatch(model, detectors=[gw.VanishingDetector(ratio=1e-3)])  # doctest: +SKIP
 
@@ -158,6 +176,7 @@ class VanishingDetector(Detector):
     """
 
     kind = AlertKind.VANISHING
+    windowed = True
 
     def __init__(self, ratio: float = VANISHING_RATIO, patience: int = VANISHING_PATIENCE) -> None:
         _check_fraction("ratio", ratio)
@@ -183,21 +202,27 @@ class VanishingDetector(Detector):
         left_out[eligible] = False
         self._offset = torch.where(left_out, torch.nan, offset)
         self._run = torch.zeros((), device=device)
-        self._quiet = _quiet(context.num_layers, device)
 
-    def observe(self, obs: StepObservation) -> Detection:
+    def observe_window(self, norms: torch.Tensor, totals: torch.Tensor) -> Detection:
+        k = norms.shape[0]
         if not self._enabled:
-            return self._quiet
-        log_rms = torch.log10(obs.norms) + self._offset
+            zero = torch.zeros(k, device=norms.device)
+            return Detection(zero > 0, zero, torch.zeros(k, norms.shape[1], device=norms.device))
+        log_rms = torch.log10(norms) + self._offset
         log_rms = torch.where(torch.isfinite(log_rms), log_rms, torch.nan)  # zeros carry no info
-        means = log_rms.index_select(0, self._group_index).view(2, self._quarter).nanmean(1)
-        gap = means[0] - means[1]  # NaN when a group has no information: never holds
-        counted = torch.where(gap < self._log_ratio, self._run + 1, 0.0)
-        self._run = torch.where(obs.valid, counted, self._run)
-        fired = self._run >= self.patience
+        groups = log_rms.index_select(1, self._group_index).view(k, 2, self._quarter)
+        means = groups.nanmean(2)
+        gap = means[:, 0] - means[:, 1]  # NaN when a group has no information: never holds
+        valid = torch.isfinite(totals)
+        below = gap < self._log_ratio
+        # Run length of valid "below" steps, carried over flushes; invalid steps change nothing.
+        counted = torch.cumsum((valid & below).float(), 0)
+        resets = torch.where(valid & ~below, counted, -1.0).cummax(0).values
+        run = torch.where(resets >= 0, counted - resets, self._run + counted)
+        self._run = run[-1]
         # How far (in decades) each layer sits below ``ratio`` times the last layers: tiniest first.
-        scores = (means[1] + self._log_ratio - log_rms).nan_to_num(0.0).clamp_min(0.0)
-        return Detection(fired=fired, value=torch.pow(10.0, gap), scores=scores)
+        scores = (means[:, 1:] + self._log_ratio - log_rms).nan_to_num(0.0).clamp_min(0.0)
+        return Detection(fired=run >= self.patience, value=torch.pow(10.0, gap), scores=scores)
 
     def message(self, value: float, layers: tuple[str, ...]) -> str:
         return (
@@ -319,7 +344,7 @@ class SpikeDetector(Detector):
     def observe(self, obs: StepObservation) -> Detection:
         num_layers = self.context.num_layers
         deviation = torch.cat([obs.norms, obs.total_norm.reshape(1)]).log() - self._mean
-        present = torch.isfinite(deviation) & obs.valid
+        present = ((deviation * 0.0) == 0.0) & obs.valid  # finite (cheaper than isfinite)
         spiking = (deviation > self._gate) & present
         fired = spiking.any()
         # Running mean while warming up, EMA after; a spike enters capped at the threshold.
@@ -387,10 +412,10 @@ class NonFiniteDetector(Detector):
 
     def observe(self, obs: StepObservation) -> Detection:
         real = ~obs.overflow
-        bad_layers = ~torch.isfinite(obs.sq_norms) & real
+        bad_layers = ((obs.sq_norms * 0.0) != 0.0) & real  # NaN/Inf (cheaper than isfinite)
         fired = (~obs.grads_finite & real) | ~obs.loss_finite
-        scores = bad_layers.float() * self._depth
-        value = bad_layers.sum().float()
+        scores = torch.where(bad_layers, self._depth, 0.0)
+        value = bad_layers.sum()
         if self._count:
             stats = obs.activations
             if stats is None:

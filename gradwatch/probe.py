@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,13 +52,18 @@ class GradientProbe:
     def grad_pattern(self) -> tuple[int, ...]:
         """Which parameters have a gradient now (0 none, 1 dense, 2 sparse)."""
         return tuple(
-            0 if p.grad is None else (_SPARSE if p.grad.is_sparse else _DENSE) for p in self.params
+            0 if (grad := p.grad) is None else (_SPARSE if grad.is_sparse else _DENSE)
+            for p in self.params
         )
 
     def grad_sq_norms(self, pattern: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-layer sums of squares of the current gradients, and the per-layer has-grad mask."""
         plan = self._plan(pattern)
-        tensors = [local_part(self.params[i].grad) for i in plan.present]  # type: ignore[arg-type]
+        params = self.params
+        if self.sharded:
+            tensors = [local_part(params[i].grad) for i in plan.present]  # type: ignore[arg-type]
+        else:
+            tensors = [params[i].grad for i in plan.present]  # type: ignore[misc]
         return self._reduce(plan, tensors), plan.has_grad
 
     def weight_sq_norms(self) -> torch.Tensor:
@@ -80,8 +86,11 @@ class GradientProbe:
     def _reduce(self, plan: _Plan, tensors: list[torch.Tensor]) -> torch.Tensor:
         parts = []
         for group in plan.groups:
-            norms = self._foreach_norms([tensors[j] for j in group])
-            parts.append(torch.stack(norms).to(self.device, torch.float32, non_blocking=True))
+            members = tensors if len(group) == len(tensors) else [tensors[j] for j in group]
+            norms = torch.stack(self._foreach_norms(members))
+            if norms.device != self.device or norms.dtype != torch.float32:
+                norms = norms.to(self.device, torch.float32, non_blocking=True)
+            parts.append(norms)
         if plan.sparse:
             norms = [_sparse_norm(tensors[j]) for j in plan.sparse]
             parts.append(torch.stack(norms).to(self.device, torch.float32, non_blocking=True))
@@ -96,11 +105,11 @@ class GradientProbe:
             all_reduce_sum_(sq)
         return sq
 
-    def _foreach_norms(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _foreach_norms(self, tensors: list[torch.Tensor]) -> Sequence[torch.Tensor]:
         dtype = _accumulation_dtype(tensors[0].dtype)
         if self._foreach_ok:
             try:
-                return list(torch._foreach_norm(tensors, 2, dtype=dtype))
+                return torch._foreach_norm(tensors, 2, dtype=dtype)
             except (RuntimeError, TypeError, NotImplementedError):
                 self._foreach_ok = False  # e.g. a backend without foreach kernels
         return [torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]

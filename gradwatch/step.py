@@ -172,6 +172,9 @@ class StepObservation:
 class Detection:
     """A detector's verdict for one step (device tensors).
 
+    The watch keeps the tensors until the next flush: a detector must not modify them in place
+    afterwards (return fresh tensors, e.g. results of ``torch.where``).
+
     Attributes:
         fired: 0-d bool, the condition holds at this step.
         value: 0-d float, the measured quantity.

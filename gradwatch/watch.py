@@ -324,9 +324,11 @@ class GradWatch:
             remedies=tuple(self.remedies),
         )
         self._history = NormHistory(self.window, len(self._layers), device)
-        self._rows: list[list[torch.Tensor]] = [[] for _ in self.detectors]
+        self._rows: list[list[Detection]] = [[] for _ in self.detectors]
         self._overflow_rows: list[torch.Tensor] = []
         self._overflow_run = torch.zeros((), device=device)
+        self._true = torch.ones((), dtype=torch.bool, device=device)
+        self._false = ~self._true
         self._weight_norms = probe.weight_sq_norms().sqrt()
         self._update_ratio: torch.Tensor | None = None
         self._snapshot: list[torch.Tensor] | None = None
@@ -374,12 +376,12 @@ class GradWatch:
         if flush_due:  # first measured by _build_context
             self._weight_norms = probe.weight_sq_norms().sqrt()
         update_ratio = self._measure_updates(step) if self.track_updates else None
-        grads_finite = torch.isfinite(total)
-        loss_finite = torch.ones((), dtype=torch.bool, device=context.device)
+        grads_finite = _finite(total)
+        loss_finite = self._true
         loss_tensor = None
         if loss is not None:
             loss_tensor = torch.as_tensor(loss).detach().to(context.device, torch.float32)
-            loss_finite = torch.isfinite(loss_tensor).all()
+            loss_finite = _finite(loss_tensor.sum())
         overflow = self._amp_overflow(grads_finite, context.device)
         obs = StepObservation(
             step=step,
@@ -399,12 +401,14 @@ class GradWatch:
             activations=self._activations.collect() if self._activations is not None else None,
         )
         for detector, rows in zip(self.detectors, self._rows, strict=True):
+            if detector.windowed:
+                continue
             detection = detector.observe(obs)
             previous = obs.flags.get(detector.kind)
             obs.flags[detector.kind] = (
                 detection.fired if previous is None else previous | detection.fired
             )
-            rows.append(_detection_row(detection))
+            rows.append(detection)  # stacked at the flush: no per-step work
         if self.nonfinite == "raise" and self._nonfinite_now(obs):
             self._history.write(step, norms, total, None, 1.0)
             self._step = step + 1
@@ -452,7 +456,7 @@ class GradWatch:
     def _amp_overflow(self, grads_finite: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Whether this step is an AMP overflow step the scaler will skip (not yet persistent)."""
         if self.scaler is None or not _scaler_enabled(self.scaler):
-            return torch.zeros((), dtype=torch.bool, device=device)
+            return self._false
         raw = ~grads_finite
         self._overflow_run = torch.where(raw, self._overflow_run + 1, 0.0)
         persistent = self._overflow_run >= _AMP_PERSISTENT_STEPS
@@ -518,7 +522,12 @@ class GradWatch:
         tensors = [hist_norms, hist_scalars, self._weight_norms]
         if self._update_ratio is not None:
             tensors.append(self._update_ratio)
-        rows = [torch.stack(r) if r else torch.zeros(0, 2) for r in self._rows]
+        rows = [
+            _stack_detections([d.observe_window(hist_norms, hist_scalars[:, 0])], context.device)
+            if d.windowed
+            else _stack_detections(r, context.device)
+            for d, r in zip(self.detectors, self._rows, strict=True)
+        ]
         tensors += rows
         if self._overflow_rows:
             tensors.append(torch.stack(self._overflow_rows))
@@ -656,11 +665,27 @@ class GradWatch:
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _detection_row(detection: Detection) -> torch.Tensor:
-    head = torch.stack([detection.fired.float(), detection.value.float().reshape(())])
-    if detection.scores is None:
-        return head
-    return torch.cat([head, detection.scores.float().reshape(-1)])
+def _stack_detections(detections: list[Detection], device: torch.device) -> torch.Tensor:
+    """Stacks detections into ``[k, 2 + C]`` rows: fired, value, then the scores.
+
+    Per-step detections hold 0-d verdicts and ``[C]`` scores (one per step); a windowed one holds
+    ``[k]`` verdicts and ``[k, C]`` scores already.
+    """
+    if not detections:
+        return torch.zeros(0, 2, device=device)
+    columns = [
+        torch.stack([d.fired for d in detections]).float().reshape(-1, 1),
+        torch.stack([d.value for d in detections]).float().reshape(-1, 1),
+    ]
+    if all(d.scores is not None for d in detections):
+        scores = torch.stack([d.scores for d in detections])  # type: ignore[misc]
+        columns.append(scores.float().reshape(columns[0].shape[0], -1))
+    return torch.cat(columns, dim=1)
+
+
+def _finite(value: torch.Tensor) -> torch.Tensor:
+    """Whether a 0-d float tensor is finite, in two cheap device ops (NaN and Inf times 0 are NaN)."""
+    return (value * 0.0) == 0.0
 
 
 def _scaler_enabled(scaler: Any) -> bool:
