@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -92,8 +91,8 @@ class GradientProbe:
                 norms = norms.to(self.device, torch.float32, non_blocking=True)
             parts.append(norms)
         if plan.sparse:
-            norms = [_sparse_norm(tensors[j]) for j in plan.sparse]
-            parts.append(torch.stack(norms).to(self.device, torch.float32, non_blocking=True))
+            sparse = torch.stack([_sparse_norm(tensors[j]) for j in plan.sparse])
+            parts.append(sparse.to(self.device, torch.float32, non_blocking=True))
         sq = torch.zeros(self.num_layers, device=self.device, dtype=torch.float32)
         if not parts:
             return sq
@@ -105,7 +104,9 @@ class GradientProbe:
             all_reduce_sum_(sq)
         return sq
 
-    def _foreach_norms(self, tensors: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+    def _foreach_norms(
+        self, tensors: list[torch.Tensor]
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, ...]:
         dtype = _accumulation_dtype(tensors[0].dtype)
         if self._foreach_ok:
             try:

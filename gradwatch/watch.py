@@ -684,7 +684,7 @@ def _stack_detections(detections: list[Detection], device: torch.device) -> torc
 
 
 def _finite(value: torch.Tensor) -> torch.Tensor:
-    """Whether a 0-d float tensor is finite, in two cheap device ops (NaN and Inf times 0 are NaN)."""
+    """Whether a 0-d float tensor is finite, in two cheap ops (NaN and Inf times 0 are NaN)."""
     return (value * 0.0) == 0.0
 
 
