@@ -23,6 +23,7 @@ from torch import nn
 
 from gradwatch.alerts import AlertKind
 from gradwatch.step import Detection, StepObservation, WatchContext
+from gradwatch.validation import check_fraction, check_int, check_number
 
 # -------------------------------------------------------------------------------------------------
 # Thresholds: the one place where gradwatch's default sensitivities are decided.
@@ -179,8 +180,8 @@ class VanishingDetector(Detector):
     windowed = True
 
     def __init__(self, ratio: float = VANISHING_RATIO, patience: int = VANISHING_PATIENCE) -> None:
-        _check_fraction("ratio", ratio)
-        _check_int("patience", patience, minimum=1)
+        check_fraction("ratio", ratio)
+        check_int("patience", patience, minimum=1)
         self.threshold = ratio
         self.patience = patience
         self._log_ratio = math.log10(ratio)
@@ -258,8 +259,8 @@ class ExplodingDetector(Detector):
     def __init__(
         self, ratio: float = EXPLODING_RATIO, weight_floor: float = EXPLODING_WEIGHT_FLOOR
     ) -> None:
-        _check_positive("ratio", ratio)
-        _check_fraction("weight_floor", weight_floor)
+        check_number("ratio", ratio, low=0.0)
+        check_fraction("weight_floor", weight_floor)
         self.threshold = ratio
         self.weight_floor = weight_floor
 
@@ -314,11 +315,11 @@ class SpikeDetector(Detector):
         beta: float = SPIKE_BETA,
         warmup: int = SPIKE_WARMUP,
     ) -> None:
-        _check_positive("z_threshold", z_threshold)
+        check_number("z_threshold", z_threshold, low=0.0)
         if not isinstance(min_ratio, int | float) or not min_ratio >= 1.0:
             raise ValueError(f"min_ratio must be a number >= 1, got {min_ratio!r}")
-        _check_fraction("beta", beta)
-        _check_int("warmup", warmup, minimum=1)
+        check_fraction("beta", beta)
+        check_int("warmup", warmup, minimum=1)
         self.threshold = z_threshold
         self.min_ratio = min_ratio
         self.beta = beta
@@ -459,8 +460,8 @@ class SaturationDetector(Detector):
     def __init__(
         self, fraction: float = SATURATION_FRACTION, patience: int = SATURATION_PATIENCE
     ) -> None:
-        _check_fraction("fraction", fraction)
-        _check_int("patience", patience, minimum=1)
+        check_fraction("fraction", fraction)
+        check_int("patience", patience, minimum=1)
         self.threshold = fraction
         self.patience = patience
 
@@ -514,8 +515,8 @@ class DeadUnitsDetector(Detector):
     kind = AlertKind.DEAD_UNITS
 
     def __init__(self, fraction: float = DEAD_FRACTION, window: int = DEAD_WINDOW) -> None:
-        _check_fraction("fraction", fraction)
-        _check_int("window", window, minimum=1)
+        check_fraction("fraction", fraction)
+        check_int("window", window, minimum=1)
         self.threshold = fraction
         self.window = window
 
@@ -567,8 +568,8 @@ class StagnationDetector(Detector):
     def __init__(
         self, ratio: float = STAGNATION_RATIO, patience: int = STAGNATION_PATIENCE
     ) -> None:
-        _check_fraction("ratio", ratio)
-        _check_int("patience", patience, minimum=1)
+        check_fraction("ratio", ratio)
+        check_int("patience", patience, minimum=1)
         self.threshold = ratio
         self.patience = patience
 
@@ -653,22 +654,3 @@ def _names(layers: tuple[str, ...], limit: int = 3) -> str:
     if len(layers) > limit:
         shown += f" and {len(layers) - limit} more"
     return shown or "some layers"
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-
-
-def _check_fraction(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")

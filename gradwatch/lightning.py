@@ -28,10 +28,10 @@ from gradwatch.record import FlushRecord
 from gradwatch.remedies import Remedy
 from gradwatch.sinks.base import Sink
 from gradwatch.sinks.metrics import LoggerMetricsSink
+from gradwatch.validation import check_int
 from gradwatch.watch import (
     _NONFINITE_POLICIES,
     GradWatch,
-    _check_int,
     _resolve_detectors,
     _resolve_remedies,
 )
@@ -139,9 +139,9 @@ class GradWatchCallback(_CallbackBase):
         sinks: Sequence[Sink] = (),
     ) -> None:
         if log_every_n_steps is not None:
-            _check_int("log_every_n_steps", log_every_n_steps, minimum=1)
-        _check_int("histogram_every_n_steps", histogram_every_n_steps, minimum=0)
-        _check_int("window", window, minimum=1)
+            check_int("log_every_n_steps", log_every_n_steps, minimum=1)
+        check_int("histogram_every_n_steps", histogram_every_n_steps, minimum=0)
+        check_int("window", window, minimum=1)
         _resolve_detectors(detectors, check_activations, track_updates)
         _resolve_remedies(remedies, optimizer=True)  # Lightning always provides the optimizer
         if nonfinite not in _NONFINITE_POLICIES:

@@ -27,6 +27,7 @@ from torch.utils.hooks import RemovableHandle
 from gradwatch.alerts import AlertKind
 from gradwatch.distributed import local_part
 from gradwatch.step import StepObservation, WatchContext
+from gradwatch.validation import check_int, check_names, check_number
 
 # ``torch.nn.utils.clip_grad_norm_`` divides by ``total_norm + 1e-6``; so do the norm clippers.
 _CLIP_EPS = 1e-6
@@ -89,8 +90,8 @@ class ClipNorm(Remedy):
     clips: ClassVar[bool] = True
 
     def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
-        self.max_norm = _check_number("max_norm", max_norm, low=0.0)
-        norm = _check_number("norm_type", norm_type, low=0.0, finite=False)
+        self.max_norm = check_number("max_norm", max_norm, low=0.0)
+        norm = check_number("norm_type", norm_type, low=0.0, finite=False)
         if norm != 2.0:
             raise ValueError(
                 f"norm_type must be 2.0 (ClipNorm reuses the L2 norms gradwatch measures), "
@@ -130,9 +131,9 @@ class AutoClip(Remedy):
     clips: ClassVar[bool] = True
 
     def __init__(self, percentile: float = 10.0, window: int | None = None) -> None:
-        self.percentile = _check_number("percentile", percentile, low=0.0, high=100.0)
+        self.percentile = check_number("percentile", percentile, low=0.0, high=100.0)
         if window is not None:
-            _check_int("window", window, minimum=1)
+            check_int("window", window, minimum=1)
         self.window = window
         self.capacity = window if window is not None else AUTOCLIP_MAX_HISTORY
         self._written = 0
@@ -220,11 +221,11 @@ class ZClip(Remedy):
     def __init__(
         self, alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25, eps: float = 1e-6
     ) -> None:
-        self.alpha = _check_number("alpha", alpha, low=0.0, high=1.0, high_open=True)
-        self.z_thresh = _check_number("z_thresh", z_thresh, low=0.0)
-        _check_int("warmup_steps", warmup_steps, minimum=1)
+        self.alpha = check_number("alpha", alpha, low=0.0, high=1.0, high_open=True)
+        self.z_thresh = check_number("z_thresh", z_thresh, low=0.0)
+        check_int("warmup_steps", warmup_steps, minimum=1)
         self.warmup_steps = warmup_steps
-        self.eps = _check_number("eps", eps, low=0.0)
+        self.eps = check_number("eps", eps, low=0.0)
 
     def bind(self, context: WatchContext) -> None:
         """Creates the running statistics on the watch's device."""
@@ -307,9 +308,9 @@ class AGC(Remedy):
     def __init__(
         self, clipping: float = 0.01, eps: float = 1e-3, exclude: Collection[str] = ("final",)
     ) -> None:
-        self.clipping = _check_number("clipping", clipping, low=0.0)
-        self.eps = _check_number("eps", eps, low=0.0)
-        self.exclude = _check_names("exclude", exclude, _AGC_EXCLUSIONS, allow_empty=True)
+        self.clipping = check_number("clipping", clipping, low=0.0)
+        self.eps = check_number("eps", eps, low=0.0)
+        self.exclude = check_names("exclude", exclude, _AGC_EXCLUSIONS, allow_empty=True)
         self._excluded: set[int] = set()
 
     def bind(self, context: WatchContext) -> None:
@@ -401,15 +402,15 @@ class LRBackoff(Remedy):
         cooldown: int = 5,
         on: Sequence[str] = ("spike", "exploding"),
     ) -> None:
-        self.factor = _check_number("factor", factor, low=0.0, high=1.0, high_open=True)
-        self.min_scale = _check_number("min_scale", min_scale, low=0.0, high=1.0)
-        _check_int("patience", patience, minimum=0)
-        _check_int("recovery_steps", recovery_steps, minimum=1)
-        _check_int("cooldown", cooldown, minimum=1)
+        self.factor = check_number("factor", factor, low=0.0, high=1.0, high_open=True)
+        self.min_scale = check_number("min_scale", min_scale, low=0.0, high=1.0)
+        check_int("patience", patience, minimum=0)
+        check_int("recovery_steps", recovery_steps, minimum=1)
+        check_int("cooldown", cooldown, minimum=1)
         self.patience = patience
         self.cooldown = cooldown
         self.recovery_steps = recovery_steps
-        self.on = _check_names("on", on, tuple(_TRIGGERS))
+        self.on = check_names("on", on, tuple(_TRIGGERS))
         self._kinds = [_TRIGGERS[name] for name in self.on]
         self._max_level = math.log(self.min_scale) / math.log(self.factor)
         self.level = 0.0  # the scale is factor ** level
@@ -545,7 +546,7 @@ class SkipStep(Remedy):
     needs_optimizer: ClassVar[bool] = True
 
     def __init__(self, on: Sequence[str] = ("nonfinite",)) -> None:
-        self.on = _check_names("on", on, tuple(_TRIGGERS))
+        self.on = check_names("on", on, tuple(_TRIGGERS))
         self._kinds = [_TRIGGERS[name] for name in self.on]
         self.skipped = 0
 
@@ -577,54 +578,3 @@ def _unit_norms(tensor: torch.Tensor) -> torch.Tensor:
         return torch.linalg.vector_norm(tensor, dtype=torch.float32)
     dims = tuple(range(1, tensor.dim()))
     return torch.linalg.vector_norm(tensor, dim=dims, keepdim=True, dtype=torch.float32)
-
-
-def _check_number(
-    name: str,
-    value: object,
-    *,
-    low: float,
-    high: float | None = None,
-    high_open: bool = False,
-    finite: bool = True,
-) -> float:
-    """``value`` as a float in ``(low, high]`` (``(low, high)`` with ``high_open``), else raises."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
-    number = float(value)
-    bounds = f"({low:g}, {high:g}{')' if high_open else ']'}" if high is not None else f"> {low:g}"
-    if (
-        math.isnan(number)
-        or (finite and math.isinf(number))
-        or number <= low
-        or (high is not None and (number >= high if high_open else number > high))
-    ):
-        raise ValueError(
-            f"{name} must be {'in ' if high is not None else ''}{bounds}, got {value!r}"
-        )
-    return number
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-
-
-def _check_names(
-    name: str, value: object, allowed: tuple[str, ...], *, allow_empty: bool = False
-) -> tuple[str, ...]:
-    """``value`` (one name or a collection of names) as a tuple of names from ``allowed``."""
-    names = (value,) if isinstance(value, str) else value
-    if not isinstance(names, Collection):
-        raise TypeError(f"{name} must be a sequence of names from {allowed}, got {value!r}")
-    names = tuple(names)
-    unknown = [n for n in names if n not in allowed]
-    if unknown:
-        raise ValueError(
-            f"{name} has unknown name(s) {unknown!r}: choose from {allowed}, got {value!r}"
-        )
-    if not names and not allow_empty:
-        raise ValueError(f"{name} must name at least one of {allowed}, got {value!r}")
-    return names

@@ -42,11 +42,16 @@ class WatchContext:
     device: torch.device
     numels: torch.Tensor
     probe: GradientProbe
+    activations: Any = None
+    remedies: tuple[Any, ...] = ()
     _profile: ModelProfile | None = None
 
     @property
     def profile(self) -> ModelProfile:
-        """What the model contains (activations, normalisation, init scale...), for advice."""
+        """What the model contains (activations, normalisation, init scale...), for advice.
+
+        Inspected on first use, at a flush: measuring the init scale reads values on the host.
+        """
         if self._profile is None:
             from gradwatch.advice import ModelProfile
 
@@ -54,9 +59,6 @@ class WatchContext:
                 self.model, self.optimizer, remedies=self.remedies, scaler=self.scaler
             )
         return self._profile
-
-    activations: Any = None
-    remedies: tuple[Any, ...] = ()
 
     @property
     def layer_names(self) -> list[str]:

@@ -25,6 +25,7 @@ from gradwatch.remedies import Remedy
 from gradwatch.sinks.base import Sink
 from gradwatch.step import Detection, StepObservation, StepReport, WatchContext
 from gradwatch.transfer import to_host
+from gradwatch.validation import check_int
 
 _NONFINITE_POLICIES = ("warn", "raise")
 # Consecutive AMP overflow steps after which overflow counts as a real non-finite gradient even if
@@ -100,9 +101,9 @@ class GradWatch:
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
             )
-        _check_int("log_every_n_steps", log_every_n_steps, minimum=1)
-        _check_int("histogram_every_n_steps", histogram_every_n_steps, minimum=0)
-        _check_int("window", window, minimum=1)
+        check_int("log_every_n_steps", log_every_n_steps, minimum=1)
+        check_int("histogram_every_n_steps", histogram_every_n_steps, minimum=0)
+        check_int("window", window, minimum=1)
         if nonfinite not in _NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {_NONFINITE_POLICIES}, got {nonfinite!r}")
         if on_alert is not None and not callable(on_alert):
@@ -691,13 +692,6 @@ def _finite(value: torch.Tensor) -> torch.Tensor:
 def _scaler_enabled(scaler: Any) -> bool:
     is_enabled = getattr(scaler, "is_enabled", None)
     return bool(is_enabled()) if callable(is_enabled) else True
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _resolve_detectors(
