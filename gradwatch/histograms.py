@@ -7,6 +7,10 @@ bins per decade up to ``MAX_MAGNITUDE`` (larger values, infinities included, lan
 Because the edges never change, binning is a handful of element-wise kernels and one ``bincount``
 per gradient tensor, with no host sync; the per-layer counts and statistics of one step form a
 single ``[L, B + 5]`` tensor that joins the flush's one device-to-host transfer.
+
+A tensor with more than ``MAX_BINNED`` values is binned on an evenly strided sample of about that
+many values (an odd stride, so the sample walks across the columns of a weight matrix) and its
+counts are scaled to the tensor's size; min, max, sum and sum of squares stay exact.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ BINS_PER_DECADE = 8
 _MAGNITUDE_BINS = round(math.log10(MAX_MAGNITUDE / MIN_MAGNITUDE) * BINS_PER_DECADE)  # K
 NUM_BINS = 2 * _MAGNITUDE_BINS + 1  # B: -K..K
 _STATS = ("min", "max", "num", "sum", "sum_squares")
+MAX_BINNED = 1 << 16
 
 
 def bucket_limits() -> np.ndarray:
@@ -85,7 +90,8 @@ class GradientHistograms:
                 values = _flat_float(grad)
                 if values.numel() == 0:
                     continue
-                counts[layer] += self._bin_counts(values).to(device, torch.float32)
+                sample, scale = _strided_sample(values)
+                counts[layer] += self._bin_counts(sample).to(device, torch.float32) * scale
                 layer_minmax.append(torch.stack(torch.aminmax(values)).to(device))
                 layer_sums.append(values.sum().to(device))
                 layer_index.append(layer)
@@ -164,3 +170,13 @@ def _flat_float(grad: torch.Tensor) -> torch.Tensor:
         values = values.coalesce().values()
     values = values.reshape(-1)
     return values if values.dtype == torch.float32 else values.float()
+
+
+def _strided_sample(values: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """About ``MAX_BINNED`` evenly strided values of a flat tensor, and the count scale."""
+    numel = values.numel()
+    if numel <= MAX_BINNED:
+        return values, 1.0
+    stride = -(-numel // MAX_BINNED) | 1  # ceil, made odd
+    sample = values[::stride]
+    return sample, numel / sample.numel()
