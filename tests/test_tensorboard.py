@@ -187,10 +187,13 @@ def test_scalars_of_one_step_share_one_event(tmp_path: Path) -> None:
     watch.close()
     (event_file,) = tmp_path.glob("events.out.tfevents.*")
     summaries = [e for e in EventFileLoader(str(event_file)).Load() if e.HasField("summary")]
-    # one event per step, plus the custom-scalars layout and two gradient-flow images
-    assert len(summaries) == STEPS + 3
     images = [e.step for e in summaries if e.summary.value[0].tag == "gradwatch/gradient_flow"]
-    assert images == [4, STEPS - 1]
+    # One image at the first flush the writer thread handles (flushes queued while it is busy are
+    # coalesced into one image, so which flush depends on timing) and one at close.
+    assert 1 <= len(images) <= 2 and images[-1] == STEPS - 1
+    assert all((step + 1) % LOG_EVERY == 0 or step == STEPS - 1 for step in images)
+    # one event per step, plus the custom-scalars layout and the gradient-flow images
+    assert len(summaries) == STEPS + 1 + len(images)
     last = next(e for e in summaries if e.step == 9)
     assert len(last.summary.value) == 1 + 2 * 3  # total norm, 3 gradient and 3 weight norms
 
