@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from gradwatch.alerts import AlertKind
-from gradwatch.step import Detection, StepObservation, WatchContext
+from gradwatch.step import Detection, StepObservation, WatchContext, finite
 from gradwatch.validation import check_fraction, check_int, check_number
 
 # -------------------------------------------------------------------------------------------------
@@ -345,7 +345,7 @@ class SpikeDetector(Detector):
     def observe(self, obs: StepObservation) -> Detection:
         num_layers = self.context.num_layers
         deviation = torch.cat([obs.norms, obs.total_norm.reshape(1)]).log() - self._mean
-        present = ((deviation * 0.0) == 0.0) & obs.valid  # finite (cheaper than isfinite)
+        present = finite(deviation) & obs.valid
         spiking = (deviation > self._gate) & present
         fired = spiking.any()
         # Running mean while warming up, EMA after; a spike enters capped at the threshold.
@@ -413,7 +413,7 @@ class NonFiniteDetector(Detector):
 
     def observe(self, obs: StepObservation) -> Detection:
         real = ~obs.overflow
-        bad_layers = ((obs.sq_norms * 0.0) != 0.0) & real  # NaN/Inf (cheaper than isfinite)
+        bad_layers = ~finite(obs.sq_norms) & real
         fired = (~obs.grads_finite & real) | ~obs.loss_finite
         scores = torch.where(bad_layers, self._depth, 0.0)
         value = bad_layers.sum()

@@ -123,7 +123,3 @@ class NormHistory:
         self._written = k
         self._steps.clear()
         self._lr_scales.clear()
-
-    def device_window(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The whole device ring (norms, scalars) and how many rows are valid (for detectors)."""
-        return self._norms, self._scalars, min(self._written, self.window)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -122,11 +121,3 @@ def forward_permutation(count: int, ran: list[int]) -> list[int]:
     """Layers that ran, in the order they ran, then the rest in registration order."""
     ran_set = set(ran)
     return list(ran) + [i for i in range(count) if i not in ran_set]
-
-
-def trainable_device(model: nn.Module) -> torch.device:
-    """Device of the first trainable parameter (the engine's home device)."""
-    for param in model.parameters():
-        if param.requires_grad:
-            return param.device
-    return torch.device("cpu")

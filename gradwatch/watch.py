@@ -23,7 +23,7 @@ from gradwatch.probe import GradientProbe
 from gradwatch.record import FlushRecord
 from gradwatch.remedies import Remedy
 from gradwatch.sinks.base import Sink
-from gradwatch.step import Detection, StepObservation, StepReport, WatchContext
+from gradwatch.step import Detection, StepObservation, StepReport, WatchContext, finite
 from gradwatch.transfer import to_host
 from gradwatch.validation import check_int
 
@@ -377,12 +377,12 @@ class GradWatch:
         if flush_due:  # first measured by _build_context
             self._weight_norms = probe.weight_sq_norms().sqrt()
         update_ratio = self._measure_updates(step) if self.track_updates else None
-        grads_finite = _finite(total)
+        grads_finite = finite(total)
         loss_finite = self._true
         loss_tensor = None
         if loss is not None:
             loss_tensor = torch.as_tensor(loss).detach().to(context.device, torch.float32)
-            loss_finite = _finite(loss_tensor.sum())
+            loss_finite = finite(loss_tensor.sum())
         overflow = self._amp_overflow(grads_finite, context.device)
         obs = StepObservation(
             step=step,
@@ -682,11 +682,6 @@ def _stack_detections(detections: list[Detection], device: torch.device) -> torc
         scores = torch.stack([d.scores for d in detections])  # type: ignore[misc]
         columns.append(scores.float().reshape(columns[0].shape[0], -1))
     return torch.cat(columns, dim=1)
-
-
-def _finite(value: torch.Tensor) -> torch.Tensor:
-    """Whether a 0-d float tensor is finite, in two cheap ops (NaN and Inf times 0 are NaN)."""
-    return (value * 0.0) == 0.0
 
 
 def _scaler_enabled(scaler: Any) -> bool:
