@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +36,6 @@ from gradwatch.lightning import GradWatchCallback  # noqa: E402
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*(does not have many workers|smaller than the logging interval|LeafSpec).*"
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models train fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Regression(pl.LightningModule):

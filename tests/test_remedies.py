@@ -9,7 +9,7 @@ import itertools
 import math
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +42,6 @@ class FiresAt(Detector):
 
     def message(self, value: float, layers: tuple[str, ...]) -> str:
         return "test detection"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def _watch(model: nn.Module, remedies: list[gw.Remedy], **kwargs: Any) -> gw.GradWatch:
