@@ -608,9 +608,14 @@ def test_optimizer_remedies_need_an_optimizer(remedy: gw.Remedy) -> None:
 # ----------------------------------------------------------------------------- the rescue
 
 
-def _train(remedies: list[gw.Remedy] | None, steps: int) -> tuple[list[float], list[gw.StepReport]]:
+RESCUE_SEEDS = range(6)
+
+
+def _train(
+    remedies: list[gw.Remedy] | None, steps: int, seed: int = 0
+) -> tuple[list[float], list[gw.StepReport]]:
     x, y = regression_data()
-    model = wide_gelu_mlp()
+    model = wide_gelu_mlp(seed=seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     watch = (
         gw.GradWatch(model, optimizer, remedies=remedies, log_every_n_steps=50)
@@ -636,16 +641,29 @@ def _train(remedies: list[gw.Remedy] | None, steps: int) -> tuple[list[float], l
 
 
 def test_remedies_rescue_a_diverging_learning_rate() -> None:
-    unrescued, _ = _train(None, steps=10)
-    assert not all(math.isfinite(loss) for loss in unrescued)  # NaN/inf within a handful of steps
+    """Over several initialisations: the unrescued run is lost, every rescued one stays finite.
 
-    losses, reports = _train(
-        [gw.AutoClip(), gw.LRBackoff(), gw.SkipStep(on=("nonfinite", "spike"))], steps=300
-    )
-    assert all(math.isfinite(loss) for loss in losses)
-    assert np.mean(losses[-10:]) < losses[0] / 20  # far below the starting loss
-    assert min(r.lr_scale for r in reports) < 1.0  # LR backoff acted (the detectors fired)
-    assert sum(float(r.clip_coef) < 0.999 for r in reports) > 10  # AutoClip acted
+    A run this far past its stable learning rate is chaotic: its final loss depends on the CPU and
+    the thread count. What holds everywhere is asserted: every loss finite for every seed, each run
+    ends below its starting loss, the median over seeds ends far below it, and the remedies acted.
+    """
+    final_ratios, backed_off = [], 0
+    for seed in RESCUE_SEEDS:
+        unrescued, _ = _train(None, steps=10, seed=seed)
+        assert not all(math.isfinite(loss) for loss in unrescued), seed  # lost within 10 steps
+
+        losses, reports = _train(
+            [gw.AutoClip(), gw.LRBackoff(), gw.SkipStep(on=("nonfinite", "spike"))],
+            steps=300,
+            seed=seed,
+        )
+        assert all(math.isfinite(loss) for loss in losses), seed
+        final_ratios.append(float(np.mean(losses[-10:])) / losses[0])
+        assert final_ratios[-1] < 0.5, (seed, final_ratios)
+        assert sum(float(r.clip_coef) < 0.999 for r in reports) > 10, seed  # AutoClip acted
+        backed_off += min(r.lr_scale for r in reports) < 1.0
+    assert float(np.median(final_ratios)) < 0.05, final_ratios
+    assert backed_off >= len(RESCUE_SEEDS) // 2, backed_off  # LRBackoff acted in most runs
 
 
 def test_rescue_example_runs_and_logs_clip_coef_and_lr_scale(tmp_path: Path) -> None:

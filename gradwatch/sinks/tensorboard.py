@@ -99,7 +99,7 @@ class TensorBoardSink(Sink):
 
     Example:
         >>> sink = TensorBoardSink(logdir="runs/exp1")  # doctest: +SKIP
-        >>> watch = GradWatch(model, sinks=[sink])  # what GradWatch(model, logdir=...) does
+        >>> watch = GradWatch(model, sinks=[sink])  # doctest: +SKIP
 
     Args:
         logdir: Run directory; a ``SummaryWriter`` is created (and closed) by the sink. A directory
