@@ -28,10 +28,10 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 import gradwatch as gw
-from gradwatch.histograms import GradientHistograms
-from gradwatch.record import FlushRecord
-from gradwatch.sinks.tensorboard import TensorBoardSink, _write_protos
-from gradwatch.transfer import to_host
+from gradwatch.engine.records import FlushRecord
+from gradwatch.engine.transfer import to_host
+from gradwatch.sinks.events import write_protos as _write_protos
+from gradwatch.sinks.tensorboard import TensorBoardSink
 
 
 def median_ms(function: Callable[[], object], repeats: int) -> float:
@@ -51,7 +51,8 @@ def bench_histograms(layers: int, width: int, repeats: int) -> None:
     watch = gw.GradWatch(model, optimizer, histogram_every_n_steps=1, log_every_n_steps=10**6)
     model(torch.randn(64, width)).pow(2).mean().backward()
     watch.step()
-    histograms: GradientHistograms = watch._histograms
+    histograms = watch.engine.histograms
+    assert histograms is not None
     numel = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as logdir:
         writer = SummaryWriter(logdir)
@@ -65,15 +66,18 @@ def bench_histograms(layers: int, width: int, repeats: int) -> None:
             for name in names:
                 writer.add_histogram(f"h/{name}", per_layer[name], 0)
 
-        observation = _observation(watch)
+        probe = watch.engine.probe
+        pattern = probe.grad_pattern()
+        sq_norms, _ = probe.grad_sq_norms(pattern)
+        params, grads = probe.grads(pattern)
 
         def gradwatch_route() -> None:
-            (host,) = to_host([histograms.compute(observation)])
+            (host,) = to_host([histograms.compute(params, grads, sq_norms)])
             for name, kwargs in histograms.decode(host):
                 writer.add_histogram_raw(f"g/{name}", global_step=0, **kwargs)
 
         def compute_only() -> None:
-            histograms.compute(observation)
+            histograms.compute(params, grads, sq_norms)
 
         baseline = median_ms(torch_route, repeats)
         ours = median_ms(gradwatch_route, repeats)
@@ -87,33 +91,6 @@ def bench_histograms(layers: int, width: int, repeats: int) -> None:
     print(f"| (of which compute on the device) | {device_part:.1f} |")
     print(f"speed-up: {baseline / ours:.1f}x\n")
     watch.close()
-
-
-def _observation(watch: gw.GradWatch) -> object:
-    """A step observation for the watch's current gradients (built like ``GradWatch.step`` does)."""
-    from gradwatch.step import StepObservation
-
-    context = watch._context
-    probe = context.probe
-    pattern = probe.grad_pattern()
-    sq_norms, has_grad = probe.grad_sq_norms(pattern)
-    true = torch.ones((), dtype=torch.bool)
-    return StepObservation(
-        step=0,
-        pattern=pattern,
-        sq_norms=sq_norms,
-        norms=sq_norms.sqrt(),
-        total_norm=sq_norms.sum().sqrt(),
-        has_grad=has_grad,
-        weight_norms=sq_norms,
-        update_ratio=None,
-        loss=None,
-        grads_finite=true,
-        loss_finite=true,
-        overflow=~true,
-        valid=true,
-        context=context,
-    )
 
 
 def bench_scalars(layers: int, steps: int, repeats: int, max_queue: int) -> None:

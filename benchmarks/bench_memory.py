@@ -57,8 +57,8 @@ SETTLE_STEPS = 10
 PRELOADED = (
     "gradwatch",
     "gradwatch.sinks.tensorboard",
-    "gradwatch.histograms",
-    "gradwatch.activations",
+    "gradwatch.engine.histograms",
+    "gradwatch.engine.activations",
     "torch.utils.tensorboard",
     "matplotlib.figure",
     "matplotlib.backends.backend_agg",

@@ -146,7 +146,7 @@ def profile_probe(steps: int, device: torch.device) -> str:
 def component_table(repeats: int, device: torch.device) -> str:
     """Median µs of the pieces of ``watch.step()`` (``detectors=()``), called on fixed gradients.
 
-    Diagnostic only: it reaches into gradwatch internals (``watch._context.probe``), so each piece
+    Diagnostic only: it reaches into gradwatch internals (``watch.engine.probe``), so each piece
     can be timed without a profiler's own overhead. The full ``watch.step()`` is repeated on the
     same gradients by clearing the watch's "same backward pass" fingerprint before each call.
     """
@@ -157,12 +157,14 @@ def component_table(repeats: int, device: torch.device) -> str:
     watch.step(loss=loss)
     grads = [p.grad for p in trainee.model.parameters() if p.grad is not None]
 
+    engine = watch.engine
+
     def full_step() -> None:
-        watch._fingerprint = None
+        engine._fingerprint = None
         watch.step(loss=loss)
 
     try:
-        probe = watch._context.probe
+        probe = engine.probe
         pattern = probe.grad_pattern()
         pieces = {
             "floor: `torch._foreach_norm(grads)`": lambda: torch._foreach_norm(grads),
@@ -170,7 +172,7 @@ def component_table(repeats: int, device: torch.device) -> str:
             "`probe.grad_sq_norms(pattern)` (foreach + stack + index_add)": lambda: (
                 probe.grad_sq_norms(pattern)
             ),
-            "`watch._grad_fingerprint(pattern)`": lambda: watch._grad_fingerprint(pattern),
+            "`engine._grad_fingerprint(pattern)`": lambda: engine._grad_fingerprint(pattern),
             "full `watch.step(loss)` (flush every 50 calls included)": full_step,
         }
         rows = [

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.util
 import math
 import statistics
 import sys
@@ -358,23 +357,12 @@ class _LightningGradNorm:
         self.writer.close()
 
 
-def has_module(name: str) -> bool:
-    """Whether ``name`` can be imported (without importing it)."""
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def _require(condition: bool, reason: str) -> None:
     if not condition:
         raise Unavailable(reason)
 
 
 def _tensorboard_kwargs(workdir: Path, tag: str) -> dict[str, Any]:
-    _require(
-        has_module("gradwatch.sinks.tensorboard"), "gradwatch.sinks.tensorboard not written yet"
-    )
     return {"logdir": str(workdir / tag)}
 
 
@@ -385,16 +373,11 @@ def _make_default(trainee: Trainee, workdir: Path) -> Monitor:
 def _make_remedies(trainee: Trainee, workdir: Path) -> Monitor:
     import gradwatch as gw
 
-    names = ("ZClip", "LRBackoff", "SkipStep")
-    missing = [name for name in names if not hasattr(gw, name)]
-    _require(not missing, f"gw.{', gw.'.join(missing)} not available yet")
-    remedies = [gw.ZClip(), gw.LRBackoff(), gw.SkipStep()]  # type: ignore[attr-defined]
+    remedies = [gw.ZClip(), gw.LRBackoff(), gw.SkipStep()]
     return GradWatchMonitor(trainee, remedies=remedies, **_tensorboard_kwargs(workdir, "remedies"))
 
 
 def _make_histograms(trainee: Trainee, workdir: Path) -> Monitor:
-    _require(has_module("gradwatch.histograms"), "gradwatch.histograms not written yet")
-    _require(has_module("gradwatch.activations"), "gradwatch.activations not written yet")
     return GradWatchMonitor(
         trainee,
         histogram_every_n_steps=HANDWRITTEN_HISTOGRAM_EVERY,

@@ -1,24 +1,45 @@
-"""gradwatch: per-layer gradient monitoring, diagnosis and remedies for PyTorch training."""
+"""gradwatch: per-layer gradient monitoring, diagnosis and remedies for PyTorch training.
 
-from gradwatch.alerts import Alert, AlertKind, GradientError
-from gradwatch.audit import AuditReport, audit
-from gradwatch.detectors import (
-    DeadUnitsDetector,
-    Detector,
-    ExplodingDetector,
-    NonFiniteDetector,
-    SaturationDetector,
-    SpikeDetector,
-    StagnationDetector,
-    VanishingDetector,
-)
-from gradwatch.remedies import AGC, AutoClip, ClipNorm, LRBackoff, Remedy, SkipStep, ZClip
-from gradwatch.sinks.metrics import LoggerMetricsSink
-from gradwatch.sinks.tensorboard import TensorBoardSink
-from gradwatch.step import StepReport
-from gradwatch.watch import GradWatch
+The public names are imported on first use (``gw.GradWatch`` loads the frontend, the engine and
+torch), so ``import gradwatch`` alone is instant and ``gradwatch.engine`` can be imported without
+any frontend or sink.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "AGC": "gradwatch.engine.remedies",
+    "Alert": "gradwatch.engine.alerts",
+    "AlertKind": "gradwatch.engine.alerts",
+    "AuditReport": "gradwatch.preflight",
+    "AutoClip": "gradwatch.engine.remedies",
+    "ClipNorm": "gradwatch.engine.remedies",
+    "DeadUnitsDetector": "gradwatch.engine.detectors",
+    "Detector": "gradwatch.engine.detectors",
+    "ExplodingDetector": "gradwatch.engine.detectors",
+    "GradWatch": "gradwatch.watch",
+    "GradientError": "gradwatch.engine.alerts",
+    "LRBackoff": "gradwatch.engine.remedies",
+    "LoggerMetricsSink": "gradwatch.sinks.metrics",
+    "NonFiniteDetector": "gradwatch.engine.detectors",
+    "Remedy": "gradwatch.engine.remedies",
+    "SaturationDetector": "gradwatch.engine.detectors",
+    "Sink": "gradwatch.sinks.base",
+    "SkipStep": "gradwatch.engine.remedies",
+    "SpikeDetector": "gradwatch.engine.detectors",
+    "StagnationDetector": "gradwatch.engine.detectors",
+    "StepReport": "gradwatch.engine.observation",
+    "TensorBoardSink": "gradwatch.sinks.tensorboard",
+    "VanishingDetector": "gradwatch.engine.detectors",
+    "WatchConfig": "gradwatch.engine.config",
+    "ZClip": "gradwatch.engine.remedies",
+    "audit": "gradwatch.preflight",
+}
 
 __all__ = [
     "AGC",
@@ -37,13 +58,58 @@ __all__ = [
     "NonFiniteDetector",
     "Remedy",
     "SaturationDetector",
+    "Sink",
     "SkipStep",
     "SpikeDetector",
     "StagnationDetector",
     "StepReport",
     "TensorBoardSink",
     "VanishingDetector",
+    "WatchConfig",
     "ZClip",
     "__version__",
     "audit",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:
+    from gradwatch.engine.alerts import Alert, AlertKind, GradientError
+    from gradwatch.engine.config import WatchConfig
+    from gradwatch.engine.detectors import (
+        DeadUnitsDetector,
+        Detector,
+        ExplodingDetector,
+        NonFiniteDetector,
+        SaturationDetector,
+        SpikeDetector,
+        StagnationDetector,
+        VanishingDetector,
+    )
+    from gradwatch.engine.observation import StepReport
+    from gradwatch.engine.remedies import (
+        AGC,
+        AutoClip,
+        ClipNorm,
+        LRBackoff,
+        Remedy,
+        SkipStep,
+        ZClip,
+    )
+    from gradwatch.preflight import AuditReport, audit
+    from gradwatch.sinks.base import Sink
+    from gradwatch.sinks.metrics import LoggerMetricsSink
+    from gradwatch.sinks.tensorboard import TensorBoardSink
+    from gradwatch.watch import GradWatch

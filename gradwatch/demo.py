@@ -23,8 +23,8 @@ from typing import TextIO
 import torch
 from torch import nn
 
-from gradwatch.alerts import Alert
-from gradwatch.remedies import Remedy
+from gradwatch.engine.alerts import Alert
+from gradwatch.engine.remedies import Remedy, SkipStep
 from gradwatch.watch import GradWatch
 
 SCENARIOS = ("vanishing", "healthy", "exploding", "nan")
@@ -108,13 +108,16 @@ def _sampler(x: torch.Tensor, y: torch.Tensor, seed: int) -> Callable[[int], Bat
     return sample
 
 
-def _plain_mlp(activation: type[nn.Module]) -> nn.Sequential:
+def plain_mlp(
+    activation: type[nn.Module], depth: int = _DEPTH, width: int = _WIDTH, features: int = _FEATURES
+) -> nn.Sequential:
+    """A plain MLP with PyTorch's default initialisation (sigmoid/tanh: vanishing gradients)."""
     layers: list[nn.Module] = []
-    width = _FEATURES
-    for _ in range(_DEPTH - 1):
-        layers += [nn.Linear(width, _WIDTH), activation()]
-        width = _WIDTH
-    layers.append(nn.Linear(width, 1))
+    size = features
+    for _ in range(depth - 1):
+        layers += [nn.Linear(size, width), activation()]
+        size = width
+    layers.append(nn.Linear(size, 1))
     return nn.Sequential(*layers)
 
 
@@ -139,8 +142,10 @@ def _healthy_mlp() -> nn.Sequential:
     return nn.Sequential(stem, *blocks, nn.LayerNorm(_WIDTH), nn.Linear(_WIDTH, 1))
 
 
-class _ElmanRegressor(nn.Module):
-    """An Elman RNN reading ``[batch, time, features]`` and a linear head on the last state."""
+class ElmanRegressor(nn.Module):
+    """An Elman (tanh) RNN reading ``[batch, time, features]`` and a linear head on its last state;
+    the recurrent matrix is ``radius`` times an orthogonal one (every eigenvalue has modulus
+    ``radius``: above 1, gradients explode through time)."""
 
     def __init__(self, features: int = 8, hidden: int = 32, radius: float = 1.0) -> None:
         super().__init__()
@@ -148,9 +153,7 @@ class _ElmanRegressor(nn.Module):
         self.head = nn.Linear(hidden, 1)
         q, _ = torch.linalg.qr(torch.randn(hidden, hidden))
         with torch.no_grad():
-            self.rnn.get_parameter("weight_hh_l0").copy_(
-                radius * q
-            )  # every eigenvalue has modulus ``radius``
+            self.rnn.get_parameter("weight_hh_l0").copy_(radius * q)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.rnn(x)
@@ -159,7 +162,7 @@ class _ElmanRegressor(nn.Module):
 
 def _vanishing(seed: int, steps: int) -> Built:
     torch.manual_seed(seed)
-    model = _plain_mlp(nn.Sigmoid)
+    model = plain_mlp(nn.Sigmoid)
     x, y = regression_task(seed=seed)
     return model, torch.optim.SGD(model.parameters(), lr=0.1), _sampler(x, y, seed)
 
@@ -173,7 +176,7 @@ def _healthy(seed: int, steps: int) -> Built:
 
 def _exploding(seed: int, steps: int) -> Built:
     torch.manual_seed(seed)
-    model = _ElmanRegressor(radius=3.0)
+    model = ElmanRegressor(radius=3.0)
     x, y = sequence_task(seed=seed)
     return model, torch.optim.SGD(model.parameters(), lr=0.01), _sampler(x, y, seed)
 
@@ -196,8 +199,6 @@ def _nan(seed: int, steps: int) -> Built:
 
 
 def _skip_nonfinite() -> list[Remedy]:
-    from gradwatch.remedies import SkipStep
-
     return [SkipStep()]
 
 
@@ -281,15 +282,8 @@ def run_scenario(
                 loss_value = float(loss.detach())  # a host sync, a few times per run
                 progress.show(step, loss_value, len(watch.alerts))
         alerts = watch.alerts
-        diagnosis = _diagnosis(watch)
+        diagnosis = watch.summary()
     return DemoResult(name, run_dir, alerts, diagnosis, loss_value)
-
-
-def _diagnosis(watch: GradWatch) -> str:
-    try:
-        return watch.summary()
-    except ImportError:  # the summary module is optional
-        return "\n".join(str(alert) for alert in watch.alerts) or "no alerts"
 
 
 class _Progress:

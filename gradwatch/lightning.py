@@ -1,7 +1,8 @@
 """``GradWatchCallback``: gradwatch inside a Lightning ``Trainer``, with one callback.
 
-The callback adapts Lightning to the engine and keeps no statistics of its own: it builds one
-:class:`~gradwatch.watch.GradWatch` per optimizer when training starts and steps it in
+The callback adapts Lightning to the engine and keeps no statistics of its own: it validates its
+options into one :class:`~gradwatch.engine.config.WatchConfig`, builds one
+:class:`~gradwatch.watch.GradWatch` per optimizer from it when training starts and steps it in
 ``on_before_optimizer_step``, where Lightning has finished the backward passes of every accumulated
 micro-batch and (native AMP) unscaled the gradients, and has not yet clipped them
 (``gradient_clip_val`` runs right after this hook, then ``optimizer.step``). So gradwatch records
@@ -14,27 +15,25 @@ works with either ``Trainer``.
 
 from __future__ import annotations
 
-import copy
 import importlib
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from typing_extensions import override
 
-from gradwatch.alerts import Alert, GradientError
-from gradwatch.detectors import Detector
-from gradwatch.record import FlushRecord
-from gradwatch.remedies import Remedy
+from gradwatch.engine.alerts import Alert, GradientError
+from gradwatch.engine.checks import check_int
+from gradwatch.engine.config import WatchConfig
+from gradwatch.engine.detectors import Detector
+from gradwatch.engine.optimizer import drop_gradients, optimizer_params, unwrap_optimizer
+from gradwatch.engine.records import FlushRecord
+from gradwatch.engine.remedies import Remedy
+from gradwatch.engine.warn import WarnOnce
 from gradwatch.sinks.base import Sink
 from gradwatch.sinks.metrics import LoggerMetricsSink
-from gradwatch.validation import check_int
-from gradwatch.watch import (
-    _NONFINITE_POLICIES,
-    GradWatch,
-    _resolve_detectors,
-    _resolve_remedies,
-)
+from gradwatch.watch import GradWatch
 
 _PACKAGES = ("pytorch_lightning", "lightning.pytorch")
 
@@ -140,35 +139,31 @@ class GradWatchCallback(_CallbackBase):
     ) -> None:
         if log_every_n_steps is not None:
             check_int("log_every_n_steps", log_every_n_steps, minimum=1)
-        check_int("histogram_every_n_steps", histogram_every_n_steps, minimum=0)
-        check_int("window", window, minimum=1)
-        _resolve_detectors(detectors, check_activations, track_updates)
-        _resolve_remedies(remedies, optimizer=True)  # Lightning always provides the optimizer
-        if nonfinite not in _NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite must be one of {_NONFINITE_POLICIES}, got {nonfinite!r}")
-        if on_alert is not None and not callable(on_alert):
-            raise TypeError(f"on_alert must be callable or None, got {on_alert!r}")
+        self.config = WatchConfig(
+            log_every_n_steps=log_every_n_steps or 1,  # None: the trainer's, set at fit
+            histogram_every_n_steps=histogram_every_n_steps,
+            detectors=detectors,
+            remedies=remedies,
+            check_activations=check_activations,
+            track_updates=track_updates,
+            on_alert=on_alert,
+            nonfinite=nonfinite,
+            window=window,
+        )
+        if not isinstance(sinks, Sequence) or isinstance(sinks, str):
+            raise TypeError(f"sinks must be a sequence of gradwatch sinks, got {sinks!r}")
         for index, sink in enumerate(sinks):
             if not isinstance(sink, Sink):
                 raise TypeError(f"sinks[{index}] must be a gradwatch Sink, got {sink!r}")
         self.log_every_n_steps = log_every_n_steps
-        self.histogram_every_n_steps = histogram_every_n_steps
-        self.detectors = detectors if isinstance(detectors, str) else list(detectors)
-        self.remedies = list(remedies)
-        self.check_activations = check_activations
-        self.track_updates = track_updates
-        self.on_alert = on_alert
-        self.nonfinite = nonfinite
-        self.window = window
         self.sinks = list(sinks)
-        # pristine copies for the watches of a second, third... optimizer (before any bind)
-        self._detector_template = copy.deepcopy(self.detectors)
-        self._remedy_template = copy.deepcopy(self.remedies)
+        # pristine copy for the watches of a second, third... optimizer (before any bind)
+        self._template = self.config.fresh_copy()
         self._watches: list[GradWatch] = []
         self._by_optimizer: dict[int, GradWatch] = {}
         self._pending_state: dict[str, Any] | None = None
         self._restored = False
-        self._warned: set[str] = set()
+        self._warn_once = WarnOnce()
         self.stopped_by: GradientError | None = None
 
     # ------------------------------------------------------------------ public API
@@ -176,13 +171,10 @@ class GradWatchCallback(_CallbackBase):
     @property
     def state_key(self) -> str:
         """Checkpoint key, built from the arguments that shape the state (detectors, remedies)."""
-        detectors = (
-            self.detectors
-            if isinstance(self.detectors, str)
-            else [type(d).__name__ for d in self.detectors]
-        )
+        config = self.config
         return self._generate_state_key(
-            detectors=detectors, remedies=[type(r).__name__ for r in self.remedies]
+            detectors=[type(d).__name__ for d in config.detector_objects],
+            remedies=[type(r).__name__ for r in config.remedies],
         )
 
     @property
@@ -213,6 +205,7 @@ class GradWatchCallback(_CallbackBase):
 
     # ------------------------------------------------------------------ Lightning hooks
 
+    @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Builds one watch per optimizer (restoring checkpointed state) before the first batch."""
         state = self._pending_state
@@ -240,9 +233,10 @@ class GradWatchCallback(_CallbackBase):
             self._close_watches()
             self._warn_once("build", f"gradwatch is off for this fit: {error!r}")
 
+    @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         """Steps the optimizer's watch: after backward and AMP unscaling, before clipping."""
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer, unwrapped
+        optimizer = unwrap_optimizer(optimizer)  # a LightningOptimizer
         watch = self._by_optimizer.get(id(optimizer))
         if watch is None:
             return
@@ -254,15 +248,14 @@ class GradWatchCallback(_CallbackBase):
             error = raised
         except Exception as failure:  # the training loop comes first
             self._warn_once("step", f"gradwatch step failed: {failure!r}")
-        if self.nonfinite == "raise" and trainer.strategy.reduce_boolean_decision(
+        if self.config.nonfinite == "raise" and trainer.strategy.reduce_boolean_decision(
             error is not None, all=False
         ):
-            for group in optimizer.param_groups:
-                for param in group["params"]:
-                    param.grad = None  # the poisoned update does not happen
+            drop_gradients(optimizer_params(optimizer))  # the poisoned update does not happen
             trainer.should_stop = True
             self.stopped_by = error
 
+    @override
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         """Flushes and closes the watches; prints the summary on rank 0 when there were alerts."""
         if trainer.is_global_zero and self._watches:
@@ -275,10 +268,12 @@ class GradWatchCallback(_CallbackBase):
                 self._warn_once("summary", f"gradwatch summary failed: {error!r}")
         self._close_watches()
 
+    @override
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         """Flushes and closes the watches so nothing recorded is lost."""
         self._close_watches()
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Every watch's plain-value state (what :meth:`load_state_dict` restores)."""
         if not self._watches:
@@ -288,6 +283,7 @@ class GradWatchCallback(_CallbackBase):
             "watches": [watch.state_dict() for watch in self._watches],
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`, now or when the watches are built."""
         if not isinstance(state_dict.get("watches"), list):
@@ -305,7 +301,7 @@ class GradWatchCallback(_CallbackBase):
     # ------------------------------------------------------------------ internals
 
     def _build_watches(self, trainer: Any, pl_module: Any) -> None:
-        optimizers = [getattr(o, "_optimizer", o) for o in trainer.optimizers]
+        optimizers = [unwrap_optimizer(o) for o in trainer.optimizers]
         if not optimizers:
             self._warn_once("no-optimizer", "gradwatch: the trainer has no optimizer to watch")
             return
@@ -314,23 +310,15 @@ class GradWatchCallback(_CallbackBase):
         several = len(optimizers) > 1
         for index, optimizer in enumerate(optimizers):
             writer, sinks = self._outputs(trainer, index, several)
-            first = index == 0
+            config = self.config if index == 0 else self._template.fresh_copy()
             watch = GradWatch(
                 pl_module,
                 optimizer,
                 writer=writer,
-                log_every_n_steps=cadence,
-                histogram_every_n_steps=self.histogram_every_n_steps,
-                detectors=self.detectors if first else copy.deepcopy(self._detector_template),
-                remedies=self.remedies if first else copy.deepcopy(self._remedy_template),
                 scaler=scaler,
-                check_activations=self.check_activations,
-                track_updates=self.track_updates,
-                on_alert=self.on_alert,
-                nonfinite=self.nonfinite,
-                window=self.window,
                 sinks=sinks,
-                params=[param for group in optimizer.param_groups for param in group["params"]],
+                params=optimizer_params(optimizer),
+                config=config.replace(log_every_n_steps=cadence),
             )
             self._watches.append(watch)
             self._by_optimizer[id(optimizer)] = watch
@@ -367,11 +355,6 @@ class GradWatchCallback(_CallbackBase):
                 self._warn_once("close", f"gradwatch close failed: {error!r}")
         self._by_optimizer = {}
 
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
-
 
 class _WriteOnly(Sink):
     """Shares a user's sink with a further watch: forwards writes, leaves closing to the first."""
@@ -379,6 +362,7 @@ class _WriteOnly(Sink):
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
 
+    @override
     def write(self, record: FlushRecord) -> None:
         """Forwards the record."""
         self.sink.write(record)

@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gradwatch.sinks.tensorboard import ALERTS_TAG, PREFIX, ROOT_NAME, TOTAL_TAG
+from gradwatch.engine.text import display_name, fmt, format_layers
+from gradwatch.sinks.schema import (
+    ALERTS_TAG,
+    GRAD_NORM_FAMILY,
+    PREFIX,
+    TOTAL_TAG,
+    ReportedAlert,
+    parse_alert_markdown,
+)
 
-_GRAD_NORM_PREFIX = f"{PREFIX}/grad_norm/"
+_GRAD_NORM_PREFIX = f"{PREFIX}/{GRAD_NORM_FAMILY}/"
 _ALERT_COUNT_PREFIX = f"{ALERTS_TAG}/"
 _TEXT_TAGS = (ALERTS_TAG, f"{ALERTS_TAG}/text_summary")  # the second: SummaryWriter.add_text
-_HEADER = re.compile(
-    r"^\*\*(?P<kind>\w+)\*\* \((?P<severity>\w+)\) at step (?P<step>-?\d+)"
-    r"(?:, layers: (?P<layers>.*))?$"
-)
 _MAX_NAME = 40
 
 
@@ -52,27 +55,6 @@ class LayerRow:
 
 
 @dataclass
-class ReportedAlert:
-    """An alert read back from the ``gradwatch/alerts`` text.
-
-    Attributes:
-        kind: Alert kind value (``"vanishing"``...).
-        severity: ``"info"``, ``"warning"`` or ``"error"``.
-        step: Step where it was detected.
-        layers: Layers named by the alert, most responsible first.
-        message: Its sentence.
-        advice: Remedies that fit the model.
-    """
-
-    kind: str
-    severity: str
-    step: int
-    layers: list[str]
-    message: str
-    advice: list[str]
-
-
-@dataclass
 class RunReport:
     """What one run's event files say.
 
@@ -95,34 +77,6 @@ class RunReport:
     layers: list[LayerRow] = field(default_factory=list)
     alerts: list[ReportedAlert] = field(default_factory=list)
     alert_counts: dict[str, int] = field(default_factory=dict)
-
-
-def parse_alert_markdown(text: str) -> ReportedAlert | None:
-    """Parses the text the TensorBoard sink writes for one alert (None if it is not one)."""
-    lines = text.strip().splitlines()
-    match = _HEADER.match(lines[0].strip()) if lines else None
-    if match is None:
-        return None
-    layers = re.findall(r"`([^`]*)`", match.group("layers") or "")
-    message_lines: list[str] = []
-    advice: list[str] = []
-    in_advice = False
-    for line in lines[1:]:
-        stripped = line.strip()
-        if stripped == "Advice:":
-            in_advice = True
-        elif in_advice and stripped.startswith("- "):
-            advice.append(stripped[2:])
-        elif stripped and not in_advice:
-            message_lines.append(stripped)
-    return ReportedAlert(
-        kind=match.group("kind"),
-        severity=match.group("severity"),
-        step=int(match.group("step")),
-        layers=layers,
-        message=" ".join(message_lines),
-        advice=advice,
-    )
 
 
 def find_runs(logdir: str | os.PathLike[str]) -> list[Path]:
@@ -212,23 +166,20 @@ def format_run(report: RunReport) -> str:
         for row in report.layers:
             name = row.name if len(row.name) <= width else row.name[: width - 1] + "…"
             lines.append(
-                f"  {name:<{width}}  {_fmt(row.first):>10}  {_fmt(row.last):>10}  "
-                f"{_fmt(row.low):>10}  {_fmt(row.high):>10}"
+                f"  {name:<{width}}  {fmt(row.first):>10}  {fmt(row.last):>10}  "
+                f"{fmt(row.low):>10}  {fmt(row.high):>10}"
             )
         first, last = report.layers[0], report.layers[-1]
         if len(report.layers) > 1 and last.last > 0:
             ratio = first.last / last.last
             lines.append(
-                f"  first/last layer ratio at the end: {_fmt(ratio)} ({first.name} vs {last.name})"
+                f"  first/last layer ratio at the end: {fmt(ratio)} ({first.name} vs {last.name})"
             )
     if report.alerts:
         lines.append(f"alerts ({len(report.alerts)}):")
         for alert in report.alerts:
-            where = f" in {', '.join(alert.layers[:4])}" if alert.layers else ""
-            more = f" (+{len(alert.layers) - 4} more)" if len(alert.layers) > 4 else ""
-            lines.append(
-                f"  step {alert.step}: {alert.kind.upper()} ({alert.severity}){where}{more}"
-            )
+            where = f" in {format_layers(alert.layers)}" if alert.layers else ""
+            lines.append(f"  step {alert.step}: {alert.kind.upper()} ({alert.severity}){where}")
             lines.append(f"    {alert.message}")
             for item in alert.advice:
                 lines.append(f"    - {item}")
@@ -243,14 +194,10 @@ def format_run(report: RunReport) -> str:
 def _layer_row(name: str, values: list[float]) -> LayerRow:
     finite = [value for value in values if math.isfinite(value)]
     return LayerRow(
-        name=name or ROOT_NAME,
+        name=display_name(name),
         first=values[0] if values else math.nan,
         last=values[-1] if values else math.nan,
         low=min(finite) if finite else math.nan,
         high=max(finite) if finite else math.nan,
         points=len(values),
     )
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.3g}" if math.isfinite(value) else str(value)

@@ -6,14 +6,11 @@ never touches the device.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from gradwatch.alerts import Alert
-
-if TYPE_CHECKING:
-    from gradwatch.watch import GradWatch
+from gradwatch.engine.alerts import Alert
+from gradwatch.engine.history import NormHistory
+from gradwatch.engine.text import display_name, fmt, format_layers
 
 WORST_LAYERS = 3
 """How many layers the summary lists at each end (smallest and largest gradient norms).
@@ -21,45 +18,45 @@ WORST_LAYERS = 3
 Fewer with fewer than twice as many layers, so that no layer is listed at both ends.
 """
 
-_MAX_NAMED_LAYERS = 4
+Episode = tuple[Alert, int, int, float]
+"""``(first alert, last step, detections, peak value)`` of a condition."""
 
 
-def format_summary(watch: GradWatch) -> str:
-    """A compact text diagnosis of ``watch``: norms of the worst layers, alerts and advice.
+def format_summary(
+    *,
+    steps: int,
+    layer_names: list[str],
+    history: NormHistory,
+    alerts: list[Alert],
+    episodes: list[Episode],
+) -> str:
+    """A compact text diagnosis: norms of the worst layers, alerts and advice.
 
-    Call after :meth:`GradWatch.flush` (``GradWatch.summary()`` does), so that every recorded step
-    is in the host mirror.
+    Reads host values only (flush first, so that every recorded step is in the history mirror).
 
     Args:
-        watch: The watch to describe; it may have recorded zero steps.
+        steps: Steps recorded.
+        layer_names: Layers in forward order.
+        history: The history (its host mirror is read).
+        alerts: Every alert, oldest first.
+        episodes: The latest episode of each alert kind.
 
     Returns:
         Several lines of text, ending with "No problems found." when there is no warning or error.
     """
-    names = watch.layer_names
-    lines = [f"gradwatch summary: {watch.step_count} steps, {len(names)} layers"]
-    history = getattr(watch, "_history", None)
-    if history is not None and len(history.host_steps):
-        lines += _norm_lines(names, history.host_steps, history.host_norms, history.host_total)
+    lines = [f"gradwatch summary: {steps} steps, {len(layer_names)} layers"]
+    if len(history.host_steps):
+        lines += _norm_lines(
+            layer_names, history.host_steps, history.host_norms, history.host_total
+        )
     else:
         lines.append("  no gradients recorded yet")
-    alerts = watch.alerts
     if alerts:
-        lines += _alert_lines(alerts, _episodes(watch))
+        spans = {id(alert): (last, count) for alert, last, count, _ in episodes}
+        lines += _alert_lines(alerts, spans)
     if not any(alert.severity in ("warning", "error") for alert in alerts):
         lines.append("No problems found.")
     return "\n".join(lines)
-
-
-def display_name(name: str) -> str:
-    """A layer name as shown to people: the root module ``""`` is ``<root>``."""
-    return name or "<root>"
-
-
-def format_layers(layers: tuple[str, ...] | list[str], limit: int = _MAX_NAMED_LAYERS) -> str:
-    """``"0, 2, 4 (+3 more)"``: the first ``limit`` layer names and how many were left out."""
-    shown = ", ".join(display_name(name) for name in layers[:limit])
-    return shown + (f" (+{len(layers) - limit} more)" if len(layers) > limit else "")
 
 
 def _norm_lines(
@@ -69,8 +66,8 @@ def _norm_lines(
     step = int(steps[-1])
     lines = [
         f"gradient norms at step {step} (window: steps {int(steps[0])}-{step}): "
-        f"total {_fmt(float(totals[-1]))}, median total over the window "
-        f"{_fmt(float(np.nanmedian(totals))) if np.isfinite(totals).any() else 'n/a'}"
+        f"total {fmt(float(totals[-1]))}, median total over the window "
+        f"{fmt(float(np.nanmedian(totals))) if np.isfinite(totals).any() else 'n/a'}"
     ]
     finite = np.flatnonzero(np.isfinite(latest))
     broken = np.flatnonzero(~np.isfinite(latest))
@@ -85,22 +82,14 @@ def _norm_lines(
         first, last = float(latest[0]), float(latest[-1])
         ratio = first / last if last > 0 else float("nan")
         lines.append(
-            f"  first/last layer norm ratio: {_fmt(ratio)} "
+            f"  first/last layer norm ratio: {fmt(ratio)} "
             f"({display_name(names[0])} vs {display_name(names[-1])})"
         )
     return lines
 
 
 def _layer_values(names: list[str], values: np.ndarray, indices: np.ndarray) -> str:
-    return ", ".join(f"{display_name(names[i])} {_fmt(float(values[i]))}" for i in indices)
-
-
-def _episodes(watch: GradWatch) -> dict[int, tuple[int, int]]:
-    """``id(alert) -> (last step, detections)`` for the latest episode of each kind."""
-    book = getattr(watch, "_book", None)
-    if book is None:
-        return {}
-    return {id(alert): (last, count) for alert, last, count, _ in book.episodes()}
+    return ", ".join(f"{display_name(names[i])} {fmt(float(values[i]))}" for i in indices)
 
 
 def _alert_lines(alerts: list[Alert], episodes: dict[int, tuple[int, int]]) -> list[str]:
@@ -122,7 +111,3 @@ def _alert_lines(alerts: list[Alert], episodes: dict[int, tuple[int, int]]) -> l
         lines.append("advice:")
         lines += [f"  - {item}" for item in advice]
     return lines
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.3g}" if np.isfinite(value) else str(value)

@@ -9,6 +9,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from gradwatch.engine.records import FlushRecord
+from gradwatch.sinks.base import Sink
+
 SYNC_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy")
 
 
@@ -57,3 +60,17 @@ def count_syncs() -> Iterator[Counter]:
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
+
+
+class RecordingSink(Sink):
+    """A sink that keeps every flush record (tests read them back)."""
+
+    def __init__(self) -> None:
+        self.records: list[FlushRecord] = []
+        self.closed = False
+
+    def write(self, record: FlushRecord) -> None:
+        self.records.append(record)
+
+    def close(self) -> None:
+        self.closed = True

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import gradwatch as gw
-from gradwatch.activations import ActivationMonitor
-from gradwatch.detectors import SATURATION_MARGIN
+from gradwatch.engine.activations import ActivationMonitor
+from gradwatch.engine.roles import Role
+from gradwatch.engine.thresholds import SATURATION_MARGIN
 from tests import zoo
 from tests.helpers import count_syncs
 
@@ -40,7 +41,7 @@ def test_monitor_hooks_activation_modules_only_and_removes_its_hooks() -> None:
     )
     monitor = ActivationMonitor(model)
     assert monitor.names == ["1", "2", "3", "4"]
-    assert monitor.kinds == ["saturating", "saturating", "rectifier", "other"]
+    assert monitor.roles == [Role.SATURATING, Role.SATURATING, Role.RECTIFIER, Role.SMOOTH]
     assert all(len(model[i]._forward_hooks) == 1 for i in range(1, 5))
     monitor.remove()
     assert all(len(module._forward_hooks) == 0 for module in model)
@@ -88,10 +89,9 @@ def test_forwards_without_autograd_are_not_recorded() -> None:
     with torch.no_grad():
         model(torch.randn(2, 4))
     assert monitor.collect() is None
-    assert monitor.dead_fractions() is None
 
 
-def test_dead_fraction_counts_units_that_never_fired_features_and_channels() -> None:
+def test_idle_steps_count_units_that_never_fire_features_and_channels() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(8, 4)
     conv = nn.Conv2d(1, 4, 3, padding=1)
@@ -101,13 +101,15 @@ def test_dead_fraction_counts_units_that_never_fired_features_and_channels() -> 
     dense = nn.Sequential(linear, nn.ReLU())
     conv_net = nn.Sequential(conv, nn.ReLU())
     dense_monitor, conv_monitor = ActivationMonitor(dense), ActivationMonitor(conv_net)
-    for _ in range(3):
+    for _ in range(3):  # three steps
         dense(torch.randn(16, 8))
         conv_net(torch.randn(4, 1, 6, 6))
-    dense_dead, conv_dead = dense_monitor.dead_fractions(), conv_monitor.dead_fractions()
-    assert dense_dead is not None and conv_dead is not None
-    assert dense_dead.tolist() == [0.5] and conv_dead.tolist() == [0.25]
-    assert dense_monitor.dead_fractions() is None  # reset: a new window starts
+        dense_stats, conv_stats = dense_monitor.collect(), conv_monitor.collect()
+    assert dense_stats is not None and conv_stats is not None
+    assert dense_stats.idle_steps.tolist() == [3.0, 3.0, 0.0, 0.0]
+    assert conv_stats.idle_steps.tolist() == [3.0, 0.0, 0.0, 0.0]
+    assert dense_stats.units.tolist() == [4.0] and dense_stats.unit_module.tolist() == [0] * 4
+    assert dense_monitor.collect() is None  # no forward: nothing counted
 
 
 def test_first_nonfinite_output_is_ranked_in_forward_order() -> None:
@@ -171,10 +173,10 @@ def test_saturation_stays_quiet_on_a_default_tanh_and_sigmoid_net() -> None:
 
 def test_activation_detectors_without_hooks_warn_and_stay_quiet() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid())
-    watch = gw.GradWatch(model, detectors=[gw.SaturationDetector()], log_every_n_steps=1)
-    model(torch.randn(2, 4)).sum().backward()
     with pytest.warns(RuntimeWarning, match="check_activations=True"):
-        watch.step()
+        watch = gw.GradWatch(model, detectors=[gw.SaturationDetector()], log_every_n_steps=1)
+    model(torch.randn(2, 4)).sum().backward()
+    watch.step()
     watch.close()
     assert watch.alerts == []
 
@@ -227,7 +229,7 @@ def test_nonfinite_names_the_first_module_whose_output_is_nonfinite() -> None:
     (alert,) = report.alerts
     assert alert.kind is gw.AlertKind.NONFINITE and alert.step == 1
     assert alert.layers[:2] == ("5", "7")  # forward origin first, then later outputs
-    assert "forward pass" in alert.message and "'5'" in alert.message
+    assert "forward pass" in alert.message and "output of 5;" in alert.message
 
 
 # ----------------------------------------------------------------------------- host syncs

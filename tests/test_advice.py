@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import gradwatch as gw
-from gradwatch.advice import ModelProfile, advise
-from gradwatch.alerts import AlertKind
+from gradwatch.engine.advice import advise
+from gradwatch.engine.alerts import AlertKind
+from gradwatch.engine.profile import ModelProfile
 from tests import zoo
 
 VANISHING, EXPLODING, SPIKE = AlertKind.VANISHING, AlertKind.EXPLODING, AlertKind.SPIKE
@@ -232,7 +233,7 @@ def test_residual_structure_heuristic(model: nn.Module, residual: bool) -> None:
 
 def test_profile_reads_activations_norms_recurrence_and_depth() -> None:
     profile = ModelProfile.inspect(zoo.small_cnn())
-    assert profile.activations == {"ReLU"}
+    assert set(profile.activations) == {"ReLU"}
     assert profile.norms == {"BatchNorm2d"} and profile.has_norm
     assert profile.weight_layers == 3 and profile.depth == 5
     assert not profile.recurrent

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import gradwatch as gw
-from gradwatch.alerts import AlertKind
-from gradwatch.audit import VANISHING_RATIO
+from gradwatch.engine.alerts import AlertKind
+from gradwatch.engine.thresholds import SINGLE_STEP_VANISHING_RATIO as VANISHING_RATIO
 from tests import zoo
 
 

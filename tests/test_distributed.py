@@ -30,14 +30,14 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import gradwatch as gw
-from gradwatch.advice import ModelProfile
-from gradwatch.alerts import AlertKind
-from gradwatch.detectors import Detector, default_detectors
-from gradwatch.layers import Layer
-from gradwatch.probe import GradientProbe
-from gradwatch.record import FlushRecord
+from gradwatch.engine.alerts import AlertKind
+from gradwatch.engine.detectors import Detector, default_detectors
+from gradwatch.engine.layers import Layer
+from gradwatch.engine.observation import Detection, Observation
+from gradwatch.engine.probe import GradientProbe
+from gradwatch.engine.profile import ModelProfile
+from gradwatch.engine.records import FlushRecord
 from gradwatch.sinks.base import Sink
-from gradwatch.step import Detection, StepObservation
 from tests.helpers import count_syncs
 
 pytestmark = pytest.mark.distributed
@@ -91,13 +91,8 @@ class NormAbove(Detector):
 
     kind = AlertKind.EXPLODING
 
-    def __init__(self, threshold: float) -> None:
-        self.threshold = threshold
-
-    def observe(self, obs: StepObservation) -> Detection:
-        return Detection(
-            fired=obs.total_norm > self.threshold, value=obs.total_norm, scores=obs.norms
-        )
+    def observe(self, obs: Observation) -> Detection:
+        return Detection(fired=obs.totals > self.threshold, value=obs.totals, scores=obs.norms)
 
     def message(self, value: float, layers: tuple[str, ...]) -> str:
         return f"total gradient norm {value!r} above {self.threshold} in {layers}"

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import gradwatch as gw
-from gradwatch.histograms import MAX_MAGNITUDE, MIN_MAGNITUDE, NUM_BINS, bucket_limits
-from gradwatch.record import FlushRecord
+from gradwatch.engine.histograms import MAX_MAGNITUDE, MIN_MAGNITUDE, NUM_BINS, bucket_limits
+from gradwatch.engine.records import FlushRecord
 from gradwatch.sinks.base import Sink
 from tests.helpers import count_syncs
 

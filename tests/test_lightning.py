@@ -18,12 +18,12 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import gradwatch as gw
-from gradwatch.alerts import AlertKind
-from gradwatch.detectors import Detector
-from gradwatch.record import FlushRecord
-from gradwatch.remedies import Remedy
+from gradwatch.engine.alerts import AlertKind
+from gradwatch.engine.detectors import Detector
+from gradwatch.engine.observation import Decision, Detection, Observation, RemedyInput
+from gradwatch.engine.records import FlushRecord
+from gradwatch.engine.remedies import Remedy
 from gradwatch.sinks.base import Sink
-from gradwatch.step import Detection, StepObservation
 from tests import zoo
 
 pl = pytest.importorskip("pytorch_lightning")
@@ -115,8 +115,8 @@ class SkipEvery(Remedy):
 
     needs_optimizer = True
 
-    def apply(self, obs: StepObservation) -> None:
-        obs.skip = True
+    def decide(self, view: RemedyInput) -> Decision:
+        return Decision(skip=True)
 
 
 class AlwaysFires(Detector):
@@ -124,8 +124,8 @@ class AlwaysFires(Detector):
 
     kind = AlertKind.SPIKE
 
-    def observe(self, obs: StepObservation) -> Detection:
-        return Detection(fired=torch.ones((), dtype=torch.bool), value=obs.total_norm)
+    def observe(self, obs: Observation) -> Detection:
+        return Detection(fired=torch.ones(1, dtype=torch.bool), value=obs.totals)
 
     def message(self, value: float, layers: tuple[str, ...]) -> str:
         return "test detection fired"
@@ -252,7 +252,7 @@ def test_vanishing_in_deep_sigmoid_module_reaches_tensorboard_logger(tmp_path: P
     vanishing = [a for a in callback.alerts if a.kind is AlertKind.VANISHING]
     assert vanishing, callback.alerts
     assert vanishing[0].layers[0] == "net.0"
-    assert callback.watch is not None and callback.watch.log_every_n_steps == 10
+    assert callback.watch is not None and callback.watch.config.log_every_n_steps == 10
     event_files = list(tmp_path.rglob("events.out.tfevents.*"))
     assert {f.parent for f in event_files} == {Path(logger.log_dir)}  # no second event tree
     tags = _scalar_tags(logger.log_dir)
@@ -274,7 +274,7 @@ def test_log_every_n_steps_none_follows_the_trainer(tmp_path: Path) -> None:
     _trainer(tmp_path, [callback], max_steps=1, log_every_n_steps=7).fit(
         Regression(_small_net()), _loader()
     )
-    assert callback.watch.log_every_n_steps == 7
+    assert callback.watch.config.log_every_n_steps == 7
 
 
 def test_csv_logger_receives_the_scalars(tmp_path: Path) -> None:

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 import gradwatch as gw
-from gradwatch.alerts import AlertKind
-from gradwatch.detectors import Detector
-from gradwatch.step import Detection, StepObservation
+from gradwatch.engine.alerts import AlertKind
+from gradwatch.engine.detectors import Detector
+from gradwatch.engine.observation import Detection, Observation
 from tests.helpers import count_syncs
 from tests.zoo import regression_data, wide_gelu_mlp
 
@@ -32,12 +32,13 @@ class FiresAt(Detector):
     """Test detector: fires its kind at the chosen steps, nowhere else."""
 
     def __init__(self, kind: AlertKind, steps: Any) -> None:
+        super().__init__()
         self.kind = kind  # type: ignore[misc]
         self.steps = set(steps)
 
-    def observe(self, obs: StepObservation) -> Detection:
-        device = self.context.device
-        fired = torch.tensor(obs.step in self.steps, device=device)
+    def observe(self, obs: Observation) -> Detection:
+        device = self.layout.device
+        fired = torch.tensor(obs.steps[0] in self.steps, device=device)
         return Detection(fired=fired, value=torch.zeros((), device=device))
 
     def message(self, value: float, layers: tuple[str, ...]) -> str:
@@ -141,7 +142,7 @@ def test_autoclip_history_is_bounded_by_window() -> None:
         _set_grads(watch.model, norm, generator)
         watch.step()
     remedy = watch.remedies[0]
-    assert remedy._norms.numel() == 5  # type: ignore[attr-defined]
+    assert remedy.norms.numel() == 5
     assert remedy.state_dict()["norms"] == pytest.approx([1.0] * 5, rel=1e-5)
     _set_grads(watch.model, 3.0, generator)  # the 100s are forgotten: clipped to ~1
     assert float(watch.step().clip_coef) == pytest.approx(1.0 / 3.0, rel=1e-4)
@@ -209,7 +210,7 @@ def test_zclip_leaves_calm_gradients_untouched_and_cuts_a_spike_near_the_mean() 
         assert float(report.clip_coef) == 1.0
         for grad, original in zip(_grads(model), before, strict=True):
             assert torch.equal(grad, original)  # bit-identical while calm
-    mean = float(remedy._mean)
+    mean = float(remedy.mean)
     _set_grads(model, 100.0 * mean, generator)
     watch.step()
     after = _total(_grads(model))

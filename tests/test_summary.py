@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import gradwatch as gw
-from gradwatch.alerts import AlertKind
-from gradwatch.step import Detection, StepObservation
+from gradwatch.engine.alerts import AlertKind
+from gradwatch.engine.observation import Detection, Observation
 from tests import zoo
 
 
@@ -18,14 +18,13 @@ class AlwaysFires(gw.Detector):
     threshold = 1.0
 
     def __init__(self, kind: AlertKind) -> None:
+        super().__init__(threshold=1.0)
         self.kind = kind  # type: ignore[misc]
 
-    def observe(self, obs: StepObservation) -> Detection:
+    def observe(self, obs: Observation) -> Detection:
         scores = torch.zeros_like(obs.norms)
-        scores[:2] = torch.tensor([2.0, 1.0])
-        return Detection(
-            fired=torch.ones((), dtype=torch.bool), value=obs.total_norm, scores=scores
-        )
+        scores[:, :2] = torch.tensor([2.0, 1.0])
+        return Detection(fired=torch.ones(1, dtype=torch.bool), value=obs.totals, scores=scores)
 
     def message(self, value: float, layers: tuple[str, ...]) -> str:
         return f"forced {self.kind.value} alert"

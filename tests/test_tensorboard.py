@@ -18,10 +18,13 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 import gradwatch as gw
-from gradwatch.alerts import AlertKind
-from gradwatch.report import build_report, parse_alert_markdown
-from gradwatch.sinks.tensorboard import GradientFlow, TensorBoardSink, encode_png
-from gradwatch.step import Detection, StepObservation
+from gradwatch.engine.alerts import AlertKind
+from gradwatch.engine.observation import Decision, Detection, Observation, RemedyInput
+from gradwatch.report import build_report
+from gradwatch.sinks.flow import GradientFlow
+from gradwatch.sinks.png import encode_png
+from gradwatch.sinks.schema import parse_alert_markdown
+from gradwatch.sinks.tensorboard import TensorBoardSink
 
 STEPS = 12
 LOG_EVERY = 5
@@ -46,11 +49,11 @@ class FiresFromStep(gw.Detector):
     kind = AlertKind.SPIKE
 
     def __init__(self, start: int) -> None:
+        super().__init__(threshold=1.0)
         self.start = start
-        self.threshold = 1.0
 
-    def observe(self, obs: StepObservation) -> Detection:
-        fired = torch.tensor(obs.step >= self.start)
+    def observe(self, obs: Observation) -> Detection:
+        fired = torch.tensor(obs.steps[0] >= self.start)
         names = self.candidate_names()
         scores = torch.tensor([1.0 if name == "body.0" else 0.0 for name in names])
         return Detection(fired=fired, value=torch.tensor(2.5), scores=scores)
@@ -65,9 +68,8 @@ class HalveAndSlow(gw.Remedy):
     clips = True
     scales_lr = True
 
-    def apply(self, obs: StepObservation) -> None:
-        obs.scale_grads(torch.tensor(0.5))
-        obs.lr_scale = 0.25
+    def decide(self, view: RemedyInput) -> Decision:
+        return Decision(clip_coef=torch.tensor(0.5), lr_scale=0.25)
 
 
 class RecordingWriter:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import gradwatch as gw
-from tests.helpers import count_syncs, reference_norms
+from tests.helpers import RecordingSink, count_syncs, reference_norms
 from tests.zoo import SequenceRegressor, deep_mlp, residual_mlp, small_cnn
 
 
@@ -152,7 +152,7 @@ def test_history_is_a_bounded_window() -> None:
     assert history["step"].tolist() == list(range(15, 25))
     for name in watch.layer_names:
         assert history[name] == pytest.approx([s[name] for s in seen[15:]], rel=1e-5)
-    assert watch._history._norms.shape == (10, len(watch.layer_names))  # memory stays bounded
+    assert watch.engine.history._norms.shape == (10, len(watch.layer_names))  # bounded memory
 
 
 def test_no_host_sync_between_flushes() -> None:
@@ -297,7 +297,7 @@ def test_internal_failure_degrades_to_warning(monkeypatch: pytest.MonkeyPatch) -
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(watch, "_record_step", broken)
+    monkeypatch.setattr(watch.engine, "step", broken)
     with pytest.warns(RuntimeWarning, match="boom"):
         report = watch.step()
     assert report.step == 0
@@ -325,7 +325,10 @@ def test_track_updates_measures_the_exact_update_ratio_on_flush_steps() -> None:
     torch.manual_seed(0)
     model = deep_mlp(nn.ReLU, depth=3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    watch = gw.GradWatch(model, opt, detectors=(), log_every_n_steps=4, track_updates=True)
+    sink = RecordingSink()
+    watch = gw.GradWatch(
+        model, opt, detectors=(), log_every_n_steps=4, track_updates=True, sinks=[sink]
+    )
     x = torch.randn(8, 16)
     expected = {}
     for step in range(8):
@@ -344,7 +347,7 @@ def test_track_updates_measures_the_exact_update_ratio_on_flush_steps() -> None:
         opt.step()
         opt.zero_grad()
     watch.flush()
-    ratios = watch._update_ratio
+    ratios = sink.records[-1].update_ratios
     assert ratios is not None
     for column, name in enumerate(watch.layer_names):
         assert float(ratios[column]) == pytest.approx(expected[name], rel=1e-3)

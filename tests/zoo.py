@@ -5,18 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gradwatch.demo import ElmanRegressor, plain_mlp
+
 
 def deep_mlp(
     activation: type[nn.Module], depth: int = 20, width: int = 32, d_in: int = 16
 ) -> nn.Sequential:
     """A plain MLP with PyTorch's default initialisation (sigmoid/tanh: vanishing)."""
-    layers: list[nn.Module] = []
-    dim = d_in
-    for _ in range(depth - 1):
-        layers += [nn.Linear(dim, width), activation()]
-        dim = width
-    layers.append(nn.Linear(dim, 1))
-    return nn.Sequential(*layers)
+    return plain_mlp(activation, depth, width, d_in)
 
 
 def relu_he_bn_mlp(depth: int = 20, width: int = 32, d_in: int = 16) -> nn.Sequential:
@@ -89,16 +85,10 @@ class SequenceRegressor(nn.Module):
 
 def exploding_rnn(
     radius: float = 3.0, d_in: int = 8, hidden: int = 32, seed: int = 0
-) -> SequenceRegressor:
+) -> ElmanRegressor:
     """An Elman (tanh) RNN whose recurrent matrix has spectral radius ``radius``."""
     torch.manual_seed(seed)
-    model = SequenceRegressor("RNN", d_in, hidden)
-    q, _ = torch.linalg.qr(torch.randn(hidden, hidden))
-    with torch.no_grad():
-        model.rnn.weight_hh_l0.copy_(
-            radius * q
-        )  # orthogonal * radius: every eigenvalue has |λ| = radius
-    return model
+    return ElmanRegressor(d_in, hidden, radius)
 
 
 def regression_data(

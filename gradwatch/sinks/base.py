@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gradwatch.record import FlushRecord
+from gradwatch.engine.records import FlushRecord
 
 
 class Sink:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradwatch.record import FlushRecord
+from gradwatch.engine.records import FlushRecord
 from gradwatch.sinks.base import Sink
-from gradwatch.sinks.tensorboard import ROOT_NAME
+from gradwatch.sinks.schema import layer_tag
 
 
 class LoggerMetricsSink(Sink):
@@ -67,7 +67,7 @@ class LoggerMetricsSink(Sink):
             families.append(("update_ratio", record.update_ratios))
         for family, values in families:
             for name, value in zip(record.layer_names, values, strict=True):
-                metrics[self._tag(family, name or ROOT_NAME)] = float(value)
+                metrics[layer_tag(family, name, self.prefix)] = float(value)
         for kind, count in record.alert_counts.items():
             if self._alert_counts.get(kind) != count:
                 metrics[self._tag("alerts", kind)] = float(count)

@@ -60,6 +60,16 @@ class NormHistory:
         """Rows written since the last commit."""
         return len(self._steps)
 
+    @property
+    def pending_steps(self) -> list[int]:
+        """Step numbers of the rows written since the last commit."""
+        return list(self._steps)
+
+    @property
+    def pending_lr_scales(self) -> list[float]:
+        """Learning-rate scales of the rows written since the last commit."""
+        return list(self._lr_scales)
+
     def pending(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Device views of the pending rows, oldest first: norms ``[k, L]``, scalars ``[k, 2]``."""
         k = len(self._steps)

@@ -5,13 +5,26 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 
+MAX_STEPS = 10**9
+"""Largest cadence or window a constructor accepts: a larger one is a typo (and would allocate
+buffers of that many steps)."""
 
-def check_int(name: str, value: object, *, minimum: int) -> int:
-    """``value`` as an int >= ``minimum``, else ``TypeError``/``ValueError`` naming it."""
+
+def check_int(name: str, value: object, *, minimum: int, maximum: int = MAX_STEPS) -> int:
+    """``value`` as an int in ``[minimum, maximum]``, else an error naming it and the value."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` as a bool (only ``True``/``False``: a truthy string is a mistake)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}: {value!r}")
     return value
 
 
@@ -44,6 +57,13 @@ def check_number(
 def check_fraction(name: str, value: object) -> float:
     """``value`` as a float strictly between 0 and 1."""
     return check_number(name, value, low=0.0, high=1.0, high_open=True)
+
+
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
+    """``value`` as one of the ``allowed`` strings."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
 
 
 def check_names(

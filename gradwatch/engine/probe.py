@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gradwatch.distributed import all_reduce_sum_, is_sharded, local_part, replica_weight
-from gradwatch.layers import Layer
+from gradwatch.engine.distributed import all_reduce_sum_, is_sharded, local_part, replica_weight
+from gradwatch.engine.layers import Layer
 
 _DENSE, _SPARSE = 1, 2
 
@@ -126,15 +126,10 @@ class GradientProbe:
 
     def _build_plan(self, pattern: tuple[int, ...]) -> _Plan:
         present = [i for i, kind in enumerate(pattern) if kind]
-        keyed: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        sparse = []
-        for pos, i in enumerate(present):
-            if pattern[i] == _SPARSE:
-                sparse.append(pos)
-                continue
-            local = local_part(self.params[i])
-            keyed.setdefault((local.device, local.dtype), []).append(pos)
-        groups = list(keyed.values())
+        dense = [pos for pos, i in enumerate(present) if pattern[i] != _SPARSE]
+        sparse = [pos for pos, i in enumerate(present) if pattern[i] == _SPARSE]
+        locals_ = [local_part(self.params[present[pos]]) for pos in dense]
+        groups = [[dense[j] for j in group] for group in group_by_device_dtype(locals_)]
         order = [pos for group in groups for pos in group] + sparse
         layer_index = torch.tensor(
             [self._param_layer[present[pos]] for pos in order], dtype=torch.long, device=self.device
@@ -159,3 +154,21 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype | None:
 def _sparse_norm(tensor: torch.Tensor) -> torch.Tensor:
     values = tensor.coalesce().values()
     return torch.linalg.vector_norm(values, dtype=_accumulation_dtype(values.dtype))
+
+
+def group_by_device_dtype(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), as foreach kernels need them."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        groups.setdefault((tensor.device, tensor.dtype), []).append(index)
+    return list(groups.values())
+
+
+def scale_(tensors: list[torch.Tensor], coef: torch.Tensor) -> None:
+    """Multiplies every tensor in place by the 0-d ``coef`` (on the device, no sync).
+
+    One ``torch._foreach_mul_`` per (device, dtype) group, as ``clip_grad_norm_`` does.
+    """
+    for group in group_by_device_dtype(tensors):
+        members = [tensors[i] for i in group]
+        torch._foreach_mul_(members, coef.to(members[0].device, members[0].dtype))

@@ -1,9 +1,9 @@
-"""Advice: what the model contains, and the remedies that fit it for each alert kind.
+"""The model profile: what a model contains (activations, normalisation, residual structure,
+recurrent cells, initialisation scale, optimizer), inspected once, for advice.
 
-:meth:`ModelProfile.inspect` looks through a model once (no forward pass) and :func:`advise` turns
-an alert kind into short imperative remedies that apply to *that* model: a remedy the model already
-has (normalisation layers, He-scaled weights, gated recurrent cells, residual connections, a
-clipping remedy) is never suggested.
+:meth:`ModelProfile.inspect` looks through a model without running it, when the watch is created:
+before training changes the weights, so the initialisation scale is the one the model started
+with. Module roles come from :mod:`gradwatch.engine.roles`.
 """
 
 from __future__ import annotations
@@ -20,47 +20,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradwatch.alerts import AlertKind
-from gradwatch.distributed import held_whole
-from gradwatch.transfer import to_host
-
-SATURATING = frozenset({"Sigmoid", "Tanh", "Hardtanh", "Hardsigmoid", "Softsign", "LogSigmoid"})
-"""Activations with flat regions where the derivative is ~0."""
-
-RELU_LIKE = frozenset({"ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU"})
-"""Piecewise-linear activations: He (Kaiming) initialisation is their natural scale."""
-
-_DEAD_PRONE = frozenset({"ReLU", "ReLU6"})
-_ACTIVATIONS = SATURATING | RELU_LIKE | {"GELU", "SiLU", "Mish", "Softplus", "Tanhshrink"}
-_NORMS: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+from gradwatch.engine.distributed import held_whole
+from gradwatch.engine.remedies import Remedy
+from gradwatch.engine.roles import Role, role_of, weight_fans
+from gradwatch.engine.thresholds import (
+    INIT_BAND,
+    MAX_EIG_SIZE,
+    ORTHOGONAL_TOLERANCE,
 )
-_WEIGHT_LAYERS = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
+from gradwatch.engine.transfer import to_host
+
 _BUILTIN_RESIDUAL = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 # Class-name fragments and child names that mark a residual block (ResNet, pre-LN transformers...).
 _RESIDUAL_CLASS_WORDS = ("residual", "resblock", "resnet", "bottleneck", "basicblock")
 _RESIDUAL_CHILDREN = frozenset({"downsample", "shortcut", "skip", "residual", "res_proj"})
 # Names that, added to something computed in ``forward``, mark a skip connection in its source.
 _SKIP_NAMES = frozenset({"identity", "residual", "shortcut", "skip"})
-
-# Weights are "He-scaled" (or "Xavier-scaled") when the median ratio of their std to that scheme's
-# std lies in this band. PyTorch's default Linear/Conv init gives 1/sqrt(6) ~ 0.41 of He scale.
-_INIT_BAND = (0.7, 1.45)
-# A weight std this many times the He std makes activations grow layer by layer.
-_INIT_TOO_LARGE = 1.5
-# A network with at least this many Linear/Conv layers in a chain counts as deep.
-DEEP_LAYERS = 10
-# Largest recurrent matrix whose eigenvalues inspect computes (cost grows with hidden_size ** 3).
-_MAX_EIG_SIZE = 1024
-# A recurrent matrix with ||W W^T / c - I||_F / sqrt(H) below this is orthogonal up to the scale c.
-_ORTHOGONAL_TOLERANCE = 0.1
-# LSTM forget-gate biases (b_ih + b_hh) averaging at least this count as "initialised to ~1".
-_FORGET_BIAS_SET = 0.5
-_CLIPPING_REMEDIES = frozenset({"ClipNorm", "AutoClip", "ZClip", "AGC"})
 _ADDS_INPUT: dict[type[nn.Module], bool] = {}  # per class: its forward source adds its input
 
 
@@ -69,8 +44,8 @@ class ModelProfile:
     """What a model contains, inspected once.
 
     Attributes:
-        activations: Class names of activation modules (``"Sigmoid"``, ``"ReLU"``...). Functional
-            activations (``torch.tanh`` in ``forward``) are invisible to this inspection.
+        activations: Class name -> role of every activation module class present (``"Sigmoid"``:
+            saturating...). Functional activations (``torch.tanh`` in ``forward``) are invisible.
         activation_modules: Module path -> activation class name.
         has_norm: Any normalisation layer.
         norms: Class names of normalisation layers.
@@ -91,10 +66,11 @@ class ModelProfile:
         lr: Largest learning rate of the optimizer's groups when inspected, if known.
         momentum: SGD momentum of the first group, if the optimizer has one.
         remedies: Class names of the gradwatch remedies in use.
+        clipping: A gradwatch remedy that clips is in use.
         amp: A GradScaler is in use.
     """
 
-    activations: set[str] = field(default_factory=set)
+    activations: dict[str, Role] = field(default_factory=dict)
     activation_modules: dict[str, str] = field(default_factory=dict)
     has_norm: bool = False
     norms: set[str] = field(default_factory=set)
@@ -114,6 +90,7 @@ class ModelProfile:
     lr: float | None = None
     momentum: float | None = None
     remedies: set[str] = field(default_factory=set)
+    clipping: bool = False
     amp: bool = False
     _optimizer: torch.optim.Optimizer | None = field(default=None, repr=False, compare=False)
 
@@ -123,7 +100,7 @@ class ModelProfile:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         *,
-        remedies: Iterable[object] = (),
+        remedies: Iterable[Remedy] = (),
         scaler: object = None,
     ) -> ModelProfile:
         """Looks through ``model`` (and ``optimizer``) once, without running it.
@@ -144,17 +121,23 @@ class ModelProfile:
         Returns:
             The profile.
         """
-        profile = cls(remedies={type(r).__name__ for r in remedies}, amp=scaler is not None)
+        remedies = list(remedies)
+        profile = cls(
+            remedies={type(r).__name__ for r in remedies},
+            clipping=any(r.clips for r in remedies),
+            amp=scaler is not None,
+        )
         residual_paths: list[str] = []
-        weights: list[tuple[str, torch.Tensor]] = []
+        weights: list[tuple[str, nn.Module, torch.Tensor]] = []
         for path, module in model.named_modules():
             name = type(module).__name__
-            if name in _ACTIVATIONS:
-                profile.activations.add(name)
+            role = role_of(module)
+            if role in (Role.SATURATING, Role.RECTIFIER, Role.LEAKY, Role.SMOOTH):
+                profile.activations[name] = role
                 profile.activation_modules[path] = name
-            if isinstance(module, _NORMS):
+            elif role is Role.NORMALISATION:
                 profile.norms.add(name)
-            if isinstance(module, nn.RNNBase | nn.RNNCellBase):
+            elif role is Role.RECURRENT:
                 profile.recurrent.add(name)
             if _is_residual_block(module):
                 residual_paths.append(path)
@@ -165,10 +148,10 @@ class ModelProfile:
                     p.dtype in (torch.float16, torch.bfloat16) for p in own
                 )
             weight = getattr(module, "weight", None)
-            if isinstance(module, _WEIGHT_LAYERS) and isinstance(weight, torch.Tensor):
+            if role is Role.WEIGHT and isinstance(weight, torch.Tensor):
                 profile.weight_layers += 1
-                if weight.dim() >= 2:
-                    weights.append((path, weight))
+                if weight.dim() >= 2 and weight.device.type != "meta":
+                    weights.append((path, module, weight))
         profile.has_norm = bool(profile.norms)
         profile.residual = bool(residual_paths)
         profile.residual_evidence = tuple(residual_paths)
@@ -182,25 +165,24 @@ class ModelProfile:
             profile.momentum = float(momentum) if isinstance(momentum, int | float) else None
         return profile
 
+    def having(self, *roles: Role) -> set[str]:
+        """Activation classes present with one of ``roles``."""
+        return {name for name, role in self.activations.items() if role in roles}
+
     @property
     def saturating(self) -> set[str]:
         """Saturating activation classes present (Sigmoid, Tanh...)."""
-        return self.activations & SATURATING
+        return self.having(Role.SATURATING)
 
     @property
     def he_scaled(self) -> bool | None:
         """Whether Linear/Conv weights have He (Kaiming) scale; None when unknown."""
-        return None if self.he_ratio is None else _INIT_BAND[0] <= self.he_ratio <= _INIT_BAND[1]
+        return None if self.he_ratio is None else INIT_BAND[0] <= self.he_ratio <= INIT_BAND[1]
 
     @property
     def plain_rnn(self) -> bool:
         """Whether the model has un-gated (Elman) recurrent cells."""
         return bool(self.recurrent & {"RNN", "RNNCell"})
-
-    @property
-    def clipping(self) -> bool:
-        """Whether a gradwatch clipping remedy is in use."""
-        return bool(self.remedies & _CLIPPING_REMEDIES)
 
     def current_lr(self) -> float | None:
         """The optimizer's largest learning rate now (schedulers move it), else ``lr``."""
@@ -210,17 +192,17 @@ class ModelProfile:
                 return lr
         return self.lr
 
-    def _measure_init(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+    def _measure_init(self, weights: list[tuple[str, nn.Module, torch.Tensor]]) -> None:
         # sharded weights are left out: each rank would measure its own shard and advise differently
-        weights = [(path, whole) for path, w in weights if (whole := held_whole(w)) is not None]
-        if not weights:
+        wholes = [(p, m, whole) for p, m, w in weights if (whole := held_whole(w)) is not None]
+        if not wholes:
             return
         with torch.no_grad():
-            stds = [w.detach().float().std(unbiased=False).reshape(1) for _, w in weights]
+            stds = [w.detach().float().std(unbiased=False).reshape(1) for _, _, w in wholes]
             host = to_host([torch.cat([s.to(stds[0].device) for s in stds])])[0]
         he, xavier = [], []
-        for (path, weight), std in zip(weights, host, strict=True):
-            fan_in, fan_out = _fans(weight)
+        for (path, module, weight), std in zip(wholes, host, strict=True):
+            fan_in, fan_out = weight_fans(module, weight)
             he_ratio = float(std) / math.sqrt(2.0 / fan_in)
             xavier_ratio = float(std) / math.sqrt(2.0 / (fan_in + fan_out))
             self.init_ratios[path] = (he_ratio, xavier_ratio)
@@ -247,14 +229,13 @@ class ModelProfile:
                     tensor = whole.float()
                     if kind in ("RNN", "RNNCell") and name.startswith("weight_hh"):
                         hidden = tensor.shape[-1]
-                        if tensor.shape[0] == hidden <= _MAX_EIG_SIZE:
+                        if tensor.shape[0] == hidden <= MAX_EIG_SIZE:
                             radii.append(float(torch.linalg.eigvals(tensor).abs().max()))
                             orthogonal.append(_is_orthogonal(tensor))
                     if kind in ("LSTM", "LSTMCell") and name.startswith("bias_ih"):
                         partner = getattr(module, name.replace("bias_ih", "bias_hh"), None)
-                        gate = tensor.reshape(4, -1)[
-                            1
-                        ]  # gates are ordered input, forget, cell, output
+                        # gates are ordered input, forget, cell, output
+                        gate = tensor.reshape(4, -1)[1]
                         if isinstance(partner, torch.Tensor):
                             partner_whole = held_whole(partner.detach())
                             if partner_whole is None:
@@ -268,169 +249,10 @@ class ModelProfile:
             self.lstm_forget_bias = float(np.mean(forget))
 
 
-def advise(
-    kind: AlertKind, profile: ModelProfile, *, layers: Iterable[str] = ()
-) -> tuple[str, ...]:
-    """Remedies that fit ``profile`` for an alert of ``kind``, most effective first.
-
-    Args:
-        kind: The alert kind.
-        profile: What the model contains.
-        layers: The layers (or activation modules) the alert names; saturation and dead-unit advice
-            then names only the activation types found there.
-
-    Returns:
-        Short imperative sentences; empty when nothing applies.
-    """
-    named = {profile.activation_modules[n] for n in layers if n in profile.activation_modules}
-    builder = _ADVICE.get(kind)
-    return tuple(dict.fromkeys(builder(profile, named))) if builder is not None else ()
-
-
-def _vanishing(profile: ModelProfile, named: set[str]) -> list[str]:
-    out = []
-    if profile.saturating:
-        out.append(f"replace {_join(profile.saturating)} with ReLU/GELU")
-    if profile.recurrent:
-        out += _recurrent_advice(profile)
-    else:
-        if not profile.has_norm:
-            out.append("add BatchNorm/LayerNorm")
-        if profile.he_scaled is False:
-            out.append("use He (Kaiming) initialisation")
-    if profile.weight_layers >= DEEP_LAYERS and not profile.residual:
-        out.append("add residual (skip) connections")
-    return out
-
-
-def _divergence(profile: ModelProfile, named: set[str]) -> list[str]:
-    out = [_lower_lr(profile)]
-    if not profile.clipping:
-        out.append("enable gw.ZClip")
-    if profile.optimizer is not None and "LRBackoff" not in profile.remedies:
-        out.append("enable gw.LRBackoff")
-    return out
-
-
-def _exploding(profile: ModelProfile, named: set[str]) -> list[str]:
-    out = [_lower_lr(profile)]
-    if not profile.clipping:
-        out.append("clip gradients (gw.ClipNorm / gw.ZClip)")
-    if profile.recurrent:
-        out += _recurrent_advice(profile)
-    elif not profile.has_norm:
-        out.append("add BatchNorm/LayerNorm")
-    if profile.he_ratio is not None and profile.he_ratio > _INIT_TOO_LARGE:
-        out.append("shrink the initial weights to He/Xavier scale")
-    return out
-
-
-def _nonfinite(profile: ModelProfile, named: set[str]) -> list[str]:
-    out = [_lower_lr(profile), "check the loss for log(0) or division by zero (add an eps)"]
-    if "SkipStep" not in profile.remedies:
-        out.append("skip poisoned steps (gw.SkipStep)")
-    if not profile.clipping:
-        out.append("clip gradients (gw.ClipNorm / gw.ZClip)")
-    if profile.half_precision:
-        out.append("keep weights in float32 and train with torch.autocast")
-    elif profile.amp:
-        out.append("autocast to bfloat16 instead of float16")
-    return out
-
-
-def _saturation(profile: ModelProfile, named: set[str]) -> list[str]:
-    out = []
-    saturating = (named & SATURATING) or profile.saturating
-    if saturating:
-        out.append(f"replace {_join(saturating)} with ReLU/GELU")
-    if not profile.has_norm and not profile.recurrent:
-        out.append("add BatchNorm/LayerNorm")
-    if profile.xavier_ratio is not None and profile.xavier_ratio > _INIT_TOO_LARGE:
-        out.append("shrink the initial weights to Xavier (Glorot) scale")
-    out.append(_lower_lr(profile))
-    return out
-
-
-def _dead_units(profile: ModelProfile, named: set[str]) -> list[str]:
-    out = []
-    dead_prone = (named & _DEAD_PRONE) or (profile.activations & _DEAD_PRONE)
-    if dead_prone:
-        out.append(f"replace {_join(dead_prone)} with LeakyReLU/GELU")
-    out.append(_lower_lr(profile))
-    if not profile.recurrent:
-        if profile.he_scaled is False:
-            out.append("use He (Kaiming) initialisation")
-        if not profile.has_norm:
-            out.append("add BatchNorm/LayerNorm")
-    return out
-
-
-def _stagnation(profile: ModelProfile, named: set[str]) -> list[str]:
-    lr = profile.current_lr()
-    out = [
-        f"raise the learning rate (now {lr:.3g} for {profile.optimizer}) or check its schedule"
-        if lr is not None
-        else "raise the learning rate or check its schedule"
-    ]
-    if profile.optimizer == "SGD" and not profile.momentum:
-        out.append("use SGD momentum (0.9) or AdamW")
-    if profile.saturating:
-        out.append(f"replace {_join(profile.saturating)} with ReLU/GELU")
-    if profile.he_scaled is False and not profile.recurrent:
-        out.append("use He (Kaiming) initialisation")
-    return out
-
-
-_ADVICE = {
-    AlertKind.VANISHING: _vanishing,
-    AlertKind.EXPLODING: _exploding,
-    AlertKind.SPIKE: _divergence,
-    AlertKind.NONFINITE: _nonfinite,
-    AlertKind.SATURATION: _saturation,
-    AlertKind.DEAD_UNITS: _dead_units,
-    AlertKind.STAGNATION: _stagnation,
-}
-
-
-def _recurrent_advice(profile: ModelProfile) -> list[str]:
-    out = []
-    if profile.plain_rnn:
-        out.append("use LSTM/GRU")
-        radius = profile.recurrent_radius
-        if not profile.recurrent_orthogonal:
-            out.append("orthogonal init of the recurrent matrix (nn.init.orthogonal_)")
-        elif radius is not None and radius > 1.05:
-            out.append(f"rescale the recurrent matrix to spectral radius <= 1 (now {radius:.2g})")
-    if "LSTM" in profile.recurrent or "LSTMCell" in profile.recurrent:
-        bias = profile.lstm_forget_bias
-        if bias is not None and bias < _FORGET_BIAS_SET:
-            out.append("set the LSTM forget-gate bias to 1")
-    out.append("truncate BPTT (shorter sequences)")
-    if not profile.clipping:
-        out.append("clip gradients (gw.ClipNorm / gw.ZClip)")
-    return out
-
-
-def _lower_lr(profile: ModelProfile) -> str:
-    lr = profile.current_lr()
-    if lr is None:
-        return "lower the learning rate"
-    return f"lower the learning rate (now {lr:.3g} for {profile.optimizer})"
-
-
-def _join(names: Iterable[str]) -> str:
-    return "/".join(sorted(names))
-
-
 def _largest_lr(optimizer: torch.optim.Optimizer) -> float | None:
     lrs = [g.get("lr") for g in optimizer.param_groups]
     values = [float(lr) for lr in lrs if isinstance(lr, int | float | torch.Tensor)]
     return max(values) if values else None
-
-
-def _fans(weight: torch.Tensor) -> tuple[int, int]:
-    receptive = math.prod(weight.shape[2:]) if weight.dim() > 2 else 1
-    return max(weight.shape[1] * receptive, 1), max(weight.shape[0] * receptive, 1)
 
 
 def _is_orthogonal(matrix: torch.Tensor) -> bool:
@@ -438,7 +260,7 @@ def _is_orthogonal(matrix: torch.Tensor) -> bool:
     scale = gram.diagonal().mean().clamp_min(1e-12)
     eye = torch.eye(gram.shape[0], device=gram.device)
     deviation = torch.linalg.matrix_norm(gram / scale - eye) / math.sqrt(gram.shape[0])
-    return bool(deviation < _ORTHOGONAL_TOLERANCE)
+    return bool(deviation < ORTHOGONAL_TOLERANCE)
 
 
 def _is_residual_block(module: nn.Module) -> bool:

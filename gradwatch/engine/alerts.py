@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+from gradwatch.engine.thresholds import ALERT_COOLDOWN
 
 logger = logging.getLogger("gradwatch")
 
@@ -75,20 +77,17 @@ class _Episode:
 
 
 class AlertBook:
-    """Keeps every alert, merges a sustained condition into one, and dispatches new ones.
+    """Keeps every alert and merges a sustained condition into one.
 
     A detection belongs to the open episode of its kind when it starts within ``cooldown`` steps of
-    that episode's last detection; otherwise it opens a new episode and a new alert.
+    that episode's last detection; otherwise it opens a new episode and a new alert. The book only
+    records: the frontend logs and dispatches new alerts, after the sinks have the flush.
 
     Args:
-        on_alert: Called with each new alert (errors in it become warnings).
         cooldown: Steps without a detection after which a condition counts as over.
     """
 
-    def __init__(
-        self, on_alert: Callable[[Alert], None] | None = None, cooldown: int = 100
-    ) -> None:
-        self.on_alert = on_alert
+    def __init__(self, cooldown: int = ALERT_COOLDOWN) -> None:
         self.cooldown = cooldown
         self.alerts: list[Alert] = []
         self._open: dict[AlertKind, _Episode] = {}
@@ -103,15 +102,6 @@ class AlertBook:
             return None
         self._open[alert.kind] = _Episode(alert, last_step, count, alert.value)
         self.alerts.append(alert)
-        log = {"info": logger.info, "warning": logger.warning, "error": logger.error}[
-            alert.severity
-        ]
-        log("%s", alert)
-        if self.on_alert is not None:
-            try:
-                self.on_alert(alert)
-            except Exception as error:  # the training loop comes first
-                logger.warning("gradwatch: on_alert raised %r; continuing", error)
         return alert
 
     def episodes(self) -> list[tuple[Alert, int, int, float]]:
@@ -128,7 +118,7 @@ class AlertBook:
     def state_dict(self) -> dict:
         """Plain-value state: every alert and the open episodes."""
         return {
-            "alerts": [_alert_to_dict(a) for a in self.alerts],
+            "alerts": [alert_to_dict(a) for a in self.alerts],
             "open": {
                 k.value: {
                     "index": self.alerts.index(e.alert),
@@ -143,7 +133,7 @@ class AlertBook:
 
     def load_state_dict(self, state: dict) -> None:
         """Restores what :meth:`state_dict` returned."""
-        self.alerts = [_alert_from_dict(a) for a in state.get("alerts", [])]
+        self.alerts = [alert_from_dict(a) for a in state.get("alerts", [])]
         self._open = {}
         for kind, e in state.get("open", {}).items():
             alert = self.alerts[e["index"]]
@@ -154,7 +144,8 @@ def _magnitude(value: float) -> float:
     return abs(value) if value == value else float("inf")
 
 
-def _alert_to_dict(alert: Alert) -> dict:
+def alert_to_dict(alert: Alert) -> dict[str, Any]:
+    """An alert as plain values (for state dicts and JSON)."""
     out = dataclasses.asdict(alert)
     out["kind"] = alert.kind.value
     out["layers"] = list(alert.layers)
@@ -162,7 +153,8 @@ def _alert_to_dict(alert: Alert) -> dict:
     return out
 
 
-def _alert_from_dict(data: dict) -> Alert:
+def alert_from_dict(data: dict[str, Any]) -> Alert:
+    """The alert :func:`alert_to_dict` described."""
     return Alert(
         kind=AlertKind(data["kind"]),
         step=int(data["step"]),

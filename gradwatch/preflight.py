@@ -8,8 +8,9 @@ detectors, and adds what a single step can already tell:
   cells, weight scale against He/Xavier) that names the risks before any statistic has a window;
 - a single-step vanishing check: the gradient RMS (norm / sqrt(number of elements), a scale-free
   per-element size) of the first layer in forward order against the last layer's. Below
-  :data:`VANISHING_RATIO` the first layers will barely learn, so a VANISHING alert is reported even
-  though the runtime detector waits for a patience window;
+  :data:`~gradwatch.engine.thresholds.SINGLE_STEP_VANISHING_RATIO` the first layers will barely
+  learn, so a VANISHING alert is reported even though the runtime detector waits for a patience
+  window;
 - residual connections confirmed by tracing the forward pass (see :func:`_count_skip_additions`).
 
 The user's model is left as it was: gradients, buffers (BatchNorm running statistics), train/eval
@@ -30,25 +31,23 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from gradwatch.advice import DEEP_LAYERS, RELU_LIKE, ModelProfile, advise
-from gradwatch.alerts import Alert, AlertKind
-from gradwatch.alerts import logger as alerts_logger
-from gradwatch.layers import Layer, unwrap
-from gradwatch.summary import display_name, format_layers
-from gradwatch.transfer import to_host
+from gradwatch.engine.advice import advise
+from gradwatch.engine.alerts import Alert, AlertKind
+from gradwatch.engine.alerts import logger as alerts_logger
+from gradwatch.engine.layers import Layer, unwrap
+from gradwatch.engine.profile import ModelProfile
+from gradwatch.engine.roles import HE_INIT_ROLES
+from gradwatch.engine.text import display_name, fmt, format_layers
+from gradwatch.engine.thresholds import (
+    DEEP_LAYERS,
+    INIT_TOO_LARGE,
+    INIT_TOO_SMALL,
+    RADIUS_TOO_LARGE,
+    SINGLE_STEP_VANISHING_RATIO,
+)
+from gradwatch.engine.transfer import to_host
 from gradwatch.watch import GradWatch
 
-VANISHING_RATIO = 1e-3
-"""First-layer / last-layer gradient RMS below which the audit reports VANISHING at step 0.
-
-A 30-layer Tanh MLP with PyTorch's default initialisation sits near 1e-8 and a 20-layer Sigmoid
-MLP near 1e-17, while a healthy ReLU + He + BatchNorm MLP stays within a factor of ~10 of 1: three
-orders of magnitude leave a wide margin on both sides.
-"""
-
-_HE_TOO_SMALL = 0.7  # weights below this fraction of He scale shrink ReLU signals layer by layer
-_HE_TOO_LARGE = 1.5  # above this multiple they grow layer by layer
-_RADIUS_TOO_LARGE = 1.05  # spectral radius of a plain RNN's recurrent matrix
 _TABLE_EDGE = 12  # a layer table longer than twice this shows its first and last rows only
 _ADD_FUNCTIONS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__"})
 
@@ -113,7 +112,7 @@ class AuditReport:
         profile = self.profile
         lines = [
             f"gradwatch audit: {self.model}, {len(self.layers)} layers with parameters, "
-            f"loss {_fmt(self.loss)}",
+            f"loss {fmt(self.loss)}",
             "  " + _describe(profile),
             f"  {'layer':<20} {'type':<14} {'grad norm':>10} {'weight norm':>11} "
             f"{'grad RMS':>10} {'RMS/last':>9}",
@@ -126,8 +125,8 @@ class AuditReport:
                 lines.append(f"  ... {len(self.layers) - 2 * _TABLE_EDGE} more layers ...")
                 continue
             lines.append(
-                f"  {display_name(row.name):<20} {row.module:<14} {_fmt(row.grad_norm):>10} "
-                f"{_fmt(row.weight_norm):>11} {_fmt(row.grad_rms):>10} {_fmt(row.rms_ratio):>9}"
+                f"  {display_name(row.name):<20} {row.module:<14} {fmt(row.grad_norm):>10} "
+                f"{fmt(row.weight_norm):>11} {fmt(row.grad_rms):>10} {fmt(row.rms_ratio):>9}"
             )
         if self.findings:
             lines.append("risks:")
@@ -201,8 +200,8 @@ def audit(
             watch.step(loss=loss)
         finally:
             watch.close()
-        rows = _layer_rows(watch._layers)
-        skips = _count_skip_additions(model, example_input, watch._layers)
+        rows = _layer_rows(list(watch.engine.layout.layers))
+        skips = _count_skip_additions(model, example_input, list(watch.engine.layout.layers))
     if skips:
         profile.residual = True
         profile.residual_evidence = (*profile.residual_evidence, f"traced ({skips} skip additions)")
@@ -336,13 +335,14 @@ def _layer_rows(layers: list[Layer]) -> list[LayerAudit]:
 
 def _vanishing_alert(rows: list[LayerAudit], profile: ModelProfile) -> Alert | None:
     """The single-step VANISHING check: first-layer gradient RMS far below the last layer's."""
-    if len(rows) < 2 or rows[0].grad_norm == 0 or not rows[0].rms_ratio < VANISHING_RATIO:
+    ratio = SINGLE_STEP_VANISHING_RATIO
+    if len(rows) < 2 or rows[0].grad_norm == 0 or not rows[0].rms_ratio < ratio:
         return None  # an exactly zero gradient is blocked (zero-initialised layer), not vanishing
     starving = []
     for row in rows:
         if row.grad_norm == 0:  # blocked behind a zero-initialised layer: no evidence either way
             continue
-        if not row.rms_ratio < VANISHING_RATIO:
+        if not row.rms_ratio < ratio:
             break
         starving.append(row.name)
     kind = "/".join(sorted(profile.activations)) + " " if profile.activations else ""
@@ -352,12 +352,12 @@ def _vanishing_alert(rows: list[LayerAudit], profile: ModelProfile) -> Alert | N
         step=0,
         layers=tuple(starving),
         value=rows[0].rms_ratio,
-        threshold=VANISHING_RATIO,
+        threshold=ratio,
         severity="warning",
         message=(
             f"your {depth}-layer {kind}net will starve its first layers: the first layer's "
             f"gradient RMS is {rows[0].rms_ratio:.1e} of the last layer's "
-            f"(below {VANISHING_RATIO:g}), so {len(starving)} layer(s) will barely learn"
+            f"(below {ratio:g}), so {len(starving)} layer(s) will barely learn"
         ),
         advice=advise(AlertKind.VANISHING, profile),
     )
@@ -376,18 +376,18 @@ def _findings(profile: ModelProfile, rows: list[LayerAudit]) -> list[str]:
         )
     he = profile.he_ratio
     if he is not None and not profile.has_norm:
-        if deep and plain and profile.activations & RELU_LIKE and he < _HE_TOO_SMALL:
+        if deep and plain and profile.having(*HE_INIT_ROLES) and he < INIT_TOO_SMALL:
             out.append(
                 f"weights are {he:.2f}x the He scale with ReLU-like activations and no "
                 "normalisation: signals shrink layer by layer"
             )
-        if he > _HE_TOO_LARGE:
+        if he > INIT_TOO_LARGE:
             out.append(
                 f"weights are {he:.2f}x the He scale and there is no normalisation: activations "
                 "and gradients grow layer by layer"
             )
     radius = profile.recurrent_radius
-    if radius is not None and radius > _RADIUS_TOO_LARGE:
+    if radius is not None and radius > RADIUS_TOO_LARGE:
         out.append(
             f"the recurrent matrix has spectral radius {radius:.2g} > 1: gradients grow "
             "exponentially through time"
@@ -503,7 +503,3 @@ class _SkipTracer(TorchFunctionMode):
         """Union of the sets of the tracked tensors in ``value``; None when none is tracked."""
         sets = [self._labels[id(t)] for t in _tensors(value) if id(t) in self._labels]
         return frozenset().union(*sets) if sets else None
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.3g}" if math.isfinite(value) else str(value)

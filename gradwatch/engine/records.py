@@ -1,4 +1,4 @@
-"""Flush records: the host-side data a flush hands to every sink."""
+"""Records: the host-side data a flush hands to every sink."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch.alerts import Alert
+from gradwatch.engine.alerts import Alert
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradwatch.step import StepObservation, WatchContext
+from gradwatch.engine.layers import Layout
 
 MIN_MAGNITUDE = 1e-12
 MAX_MAGNITUDE = 1e6
@@ -50,35 +50,38 @@ class GradientHistograms:
     the host copy. Transient memory is one float32 copy of the largest gradient tensor.
 
     Args:
-        context: The watch context (layers in forward order, home device).
+        layout: The watched layers (forward order, home device).
     """
 
-    def __init__(self, context: WatchContext) -> None:
-        self.context = context
-        self.layer_names = context.layer_names
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.layer_names = layout.names
         self._layer_of = {
-            id(param): index for index, layer in enumerate(context.layers) for param in layer.params
+            id(param): index for index, layer in enumerate(layout.layers) for param in layer.params
         }
         self._limits = bucket_limits()
         self._per_octave = BINS_PER_DECADE * math.log10(2.0)  # bins per factor of 2
         self._offset = 1.0 - BINS_PER_DECADE * math.log10(MIN_MAGNITUDE)
 
-    def compute(self, obs: StepObservation) -> torch.Tensor:
+    def compute(
+        self, params: list[torch.nn.Parameter], grads: list[torch.Tensor], sq_norms: torch.Tensor
+    ) -> torch.Tensor:
         """Bins this step's gradients per layer, on the device, without a host sync.
 
         Args:
-            obs: The step's observation (its gradients and per-layer sums of squares).
+            params: The parameters with a gradient.
+            grads: Their (local) gradients.
+            sq_norms: ``[L]`` per-layer sums of squares of the gradients.
 
         Returns:
             ``[L, NUM_BINS + 5]`` float32: bin counts, then min, max, count, sum, sum of squares.
         """
-        num_layers = self.context.num_layers
-        device = self.context.device
+        num_layers = self.layout.num_layers
+        device = self.layout.device
         counts = torch.zeros(num_layers, NUM_BINS + 1, device=device, dtype=torch.float32)
         mins = torch.full((num_layers,), math.inf, device=device)
         maxs = torch.full((num_layers,), -math.inf, device=device)
         sums = torch.zeros(num_layers, device=device)
-        params, grads = obs.grads()
         layer_minmax: list[torch.Tensor] = []
         layer_sums: list[torch.Tensor] = []
         layer_index: list[int] = []
@@ -102,7 +105,7 @@ class GradientHistograms:
                 maxs.scatter_reduce_(0, index, minmax[:, 1], "amax")
                 sums.index_add_(0, index, torch.stack(layer_sums))
             counts = counts[:, :NUM_BINS]  # the last column collected NaNs
-            stats = torch.stack([mins, maxs, counts.sum(1), sums, obs.sq_norms.float()], dim=1)
+            stats = torch.stack([mins, maxs, counts.sum(1), sums, sq_norms.float()], dim=1)
             return torch.cat([counts, stats], dim=1)
 
     def _bin_counts(self, values: torch.Tensor) -> torch.Tensor:

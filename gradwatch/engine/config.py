@@ -1,0 +1,130 @@
+"""``WatchConfig``: every option of a watch, validated once, shared by every frontend."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from gradwatch.engine.alerts import Alert
+from gradwatch.engine.checks import check_bool, check_choice, check_int
+from gradwatch.engine.detectors import Detector, default_detectors
+from gradwatch.engine.remedies import Remedy
+
+NONFINITE_POLICIES = ("warn", "raise")
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """The options of a watch (the keyword arguments of ``GradWatch`` that are not objects of the
+    training loop), checked at construction: a bad value raises naming the argument and the value.
+
+    ``detectors="default"`` is resolved here into the detector objects it means (activation and
+    update detectors join with ``check_activations``/``track_updates``).
+
+    Example:
+        >>> config = WatchConfig(log_every_n_steps=10, remedies=[])
+        >>> [type(d).__name__ for d in config.detectors]
+        ['VanishingDetector', 'ExplodingDetector', 'SpikeDetector', 'NonFiniteDetector']
+
+    Attributes:
+        log_every_n_steps: Flush cadence (host transfer, alerts, per-layer scalars); >= 1.
+        histogram_every_n_steps: Gradient histogram cadence; 0 disables histograms.
+        detectors: The detector objects.
+        remedies: The remedy objects, applied in order.
+        check_activations: Forward hooks for saturation, dead units and the first non-finite output.
+        track_updates: Measure the per-layer update/weight ratio on flush steps.
+        on_alert: Called with each new alert, on the host.
+        nonfinite: ``"warn"`` (alert) or ``"raise"`` (``GradientError`` from ``step``).
+        window: Steps of history kept (at least ``log_every_n_steps``).
+    """
+
+    log_every_n_steps: int = 50
+    histogram_every_n_steps: int = 0
+    detectors: Sequence[Detector] | str = "default"
+    remedies: Sequence[Remedy] = ()
+    check_activations: bool = False
+    track_updates: bool = False
+    on_alert: Callable[[Alert], None] | None = None
+    nonfinite: str = "warn"
+    window: int = 1000
+
+    def __post_init__(self) -> None:
+        check_int("log_every_n_steps", self.log_every_n_steps, minimum=1)
+        check_int("histogram_every_n_steps", self.histogram_every_n_steps, minimum=0)
+        check_int("window", self.window, minimum=1)
+        check_bool("check_activations", self.check_activations)
+        check_bool("track_updates", self.track_updates)
+        check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        if self.on_alert is not None and not callable(self.on_alert):
+            raise TypeError(f"on_alert must be callable or None, got {self.on_alert!r}")
+        object.__setattr__(self, "detectors", tuple(self._resolve_detectors()))
+        object.__setattr__(self, "remedies", tuple(_checked_remedies(self.remedies)))
+
+    @property
+    def detector_objects(self) -> tuple[Detector, ...]:
+        """The detectors (``"default"`` resolved)."""
+        return cast("tuple[Detector, ...]", self.detectors)
+
+    @property
+    def history_window(self) -> int:
+        """Steps of history kept: ``window``, at least one flush's worth."""
+        return max(self.window, self.log_every_n_steps)
+
+    def replace(self, **changes: Any) -> WatchConfig:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def fresh_copy(self) -> WatchConfig:
+        """A copy with its own detector and remedy objects (for a second watch)."""
+        return copy.deepcopy(self)
+
+    def check_optimizer(self, has_optimizer: bool) -> None:
+        """Raises when a remedy needs the optimizer and there is none.
+
+        Raises:
+            ValueError: Naming the remedy and how to pass the optimizer.
+        """
+        for index, remedy in enumerate(self.remedies):
+            if remedy.needs_optimizer and not has_optimizer:
+                raise ValueError(
+                    f"remedies[{index}] ({type(remedy).__name__}) acts on the optimizer: "
+                    "pass it, GradWatch(model, optimizer, remedies=...)"
+                )
+
+    def _resolve_detectors(self) -> list[Detector]:
+        detectors = self.detectors
+        if isinstance(detectors, str):
+            if detectors != "default":
+                raise ValueError(
+                    f"detectors must be 'default' or a sequence of detectors, got {detectors!r}"
+                )
+            return default_detectors(
+                check_activations=self.check_activations, track_updates=self.track_updates
+            )
+        if not isinstance(detectors, Sequence):
+            raise TypeError(
+                f"detectors must be 'default' or a sequence of detectors, got {detectors!r}"
+            )
+        checked: list[Detector] = []
+        for index, detector in enumerate(detectors):
+            if not isinstance(detector, Detector):
+                raise TypeError(
+                    f"detectors[{index}] must be a gradwatch detector (e.g. gw.SpikeDetector()), "
+                    f"got {detector!r}"
+                )
+            checked.append(detector)
+        return checked
+
+
+def _checked_remedies(remedies: object) -> list[Remedy]:
+    if not isinstance(remedies, Sequence) or isinstance(remedies, str):
+        raise TypeError(f"remedies must be a sequence of remedies, got {remedies!r}")
+    for index, remedy in enumerate(remedies):
+        if not isinstance(remedy, Remedy):
+            raise TypeError(
+                f"remedies[{index}] must be a gradwatch remedy (e.g. gw.ZClip()), got {remedy!r}"
+            )
+    return list(remedies)

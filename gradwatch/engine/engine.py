@@ -1,0 +1,706 @@
+"""``Engine``: the functional core behind every frontend.
+
+One :meth:`Engine.step` per optimizer step: the probe measures per-layer gradient norms in one
+foreach pass, the step-cadence detectors look at them, the remedies decide, their decisions are
+applied, the history ring buffer takes the row. Everything stays on the device. Every
+``log_every_n_steps`` steps :meth:`Engine.flush` moves one packed tensor to the host, runs the
+flush-cadence detectors, turns detections into alerts and returns a
+:class:`~gradwatch.engine.records.FlushRecord` for the frontend to hand to its sinks. The engine
+never writes files, calls user callbacks or raises into the training loop: the frontend decides
+what to do with records, alerts and errors.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradwatch.engine import distributed
+from gradwatch.engine.activations import ActivationMonitor
+from gradwatch.engine.advice import advise
+from gradwatch.engine.alerts import Alert, AlertBook, AlertKind, GradientError
+from gradwatch.engine.config import WatchConfig
+from gradwatch.engine.detectors import Detector
+from gradwatch.engine.histograms import GradientHistograms
+from gradwatch.engine.history import NormHistory
+from gradwatch.engine.layers import (
+    ForwardOrder,
+    Layer,
+    Layout,
+    find_layers,
+    forward_permutation,
+    unwrap,
+)
+from gradwatch.engine.observation import (
+    Detection,
+    Observation,
+    RemedyInput,
+    StepReport,
+    finite,
+)
+from gradwatch.engine.optimizer import (
+    ScaleSource,
+    drop_gradients,
+    lr_scaling,
+    optimizer_params,
+    unwrap_optimizer,
+)
+from gradwatch.engine.probe import GradientProbe, scale_
+from gradwatch.engine.profile import ModelProfile
+from gradwatch.engine.records import FlushRecord
+from gradwatch.engine.remedies import Remedy
+from gradwatch.engine.thresholds import AMP_PERSISTENT_STEPS
+from gradwatch.engine.transfer import to_host
+from gradwatch.engine.warn import WarnOnce
+
+STATE_VERSION = 1
+_MAX_STEP = 2**62  # step numbers beyond this would overflow the history's int64 steps
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one :meth:`Engine.step` produced.
+
+    Attributes:
+        report: The step's report (returned to the user).
+        record: The flush that happened during the step, for the sinks, if any.
+        error: With ``nonfinite="raise"``: the error to raise once the record is written.
+    """
+
+    report: StepReport
+    record: FlushRecord | None = None
+    error: GradientError | None = None
+
+
+class Engine:
+    """Per-layer gradient statistics, detections, remedies and alerts of one model.
+
+    Args:
+        model: The module to watch (``DistributedDataParallel`` and ``torch.compile`` wrappers are
+            looked through).
+        optimizer: Its optimizer (wrappers such as Accelerate's are looked through), or None.
+        config: The validated options.
+        scaler: The AMP ``GradScaler``, so overflow steps are recognised.
+        params: Watch only these parameters of ``model``; default every trainable parameter.
+
+    Raises:
+        ValueError: No trainable parameter to watch, or a remedy needs the missing optimizer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        config: WatchConfig | None = None,
+        *,
+        scaler: Any = None,
+        params: Iterable[nn.Parameter] | None = None,
+    ) -> None:
+        self.config = config or WatchConfig()
+        self.model = unwrap(model)
+        self.optimizer: torch.optim.Optimizer | None = (
+            unwrap_optimizer(optimizer) if optimizer is not None else None
+        )
+        self.config.check_optimizer(self.optimizer is not None)
+        self.scaler = scaler
+        self.detectors: list[Detector] = list(self.config.detector_objects)
+        self.remedies: list[Remedy] = list(self.config.remedies)
+        layers = find_layers(self.model, params)
+        if not layers:
+            reason = (
+                "params= selects none of its trainable parameters"
+                if params is not None
+                else "every parameter has requires_grad=False"
+            )
+            model_name = type(self.model).__name__
+            raise ValueError(f"model has no trainable parameters to watch: {model_name} ({reason})")
+        if self.optimizer is not None:
+            watched = {id(p) for layer in layers for p in layer.params}
+            if not any(id(p) in watched for p in optimizer_params(self.optimizer)):
+                raise ValueError(
+                    f"optimizer ({type(self.optimizer).__name__}) updates none of the watched "
+                    "parameters of the model: pass the optimizer of this model"
+                )
+        self.activations = ActivationMonitor(self.model) if self.config.check_activations else None
+        activation_names = self.activations.names if self.activations is not None else ()
+        self.layout = Layout.build(layers, activation_names)
+        self.profile = ModelProfile.inspect(
+            self.model, self.optimizer, remedies=self.remedies, scaler=scaler
+        )
+        self.book = AlertBook()
+        self.step_count = 0
+        self._order = ForwardOrder(layers)
+        self._lr_source: ScaleSource | None = (
+            lr_scaling(self.optimizer)
+            if self.optimizer is not None and any(r.scales_lr for r in self.remedies)
+            else None
+        )
+        self._warn_once = WarnOnce()
+        # This step's detection flags are only gathered for remedies and the "raise" policy.
+        self._needs_flags = bool(self.remedies) or self.config.nonfinite == "raise"
+        self._last_report: StepReport | None = None
+        self._fingerprint: list[tuple[weakref.ref[torch.Tensor], int]] | None = None
+        # Layout-dependent parts, rebuilt by ``_relayout``.
+        device = self.layout.device
+        self.probe = GradientProbe(layers, device)
+        self.history = NormHistory(self.config.history_window, len(layers), device)
+        self.histograms = (
+            GradientHistograms(self.layout) if self.config.histogram_every_n_steps else None
+        )
+        self._pending: list[list[Detection]] = [[] for _ in self.detectors]
+        self._overflow_rows: list[torch.Tensor] = []
+        self._histogram_rows: list[tuple[int, torch.Tensor]] = []
+        self._true = torch.ones((), dtype=torch.bool, device=device)
+        self._false = torch.zeros((), dtype=torch.bool, device=device)
+        self._overflow_run = torch.zeros((), device=device)
+        self._weight_norms = torch.zeros(len(layers), device=device)
+        self._weights_stale = True  # measured at the first step, then at every flush step
+        self._update_ratio: torch.Tensor | None = None
+        self._snapshot: list[torch.Tensor] | None = None
+        self._previous_applied = self._true
+        self._bind()
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Layers in forward execution order (registration order before the first forward)."""
+        if self._order.active and self._order.has_run:
+            self._finish_forward_order()
+        return self.layout.names
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert so far, oldest first."""
+        return list(self.book.alerts)
+
+    @property
+    def clips(self) -> bool:
+        """A remedy scales the gradients (clip coefficients are recorded)."""
+        return any(r.clips for r in self.remedies)
+
+    @property
+    def scales_lr(self) -> bool:
+        """A remedy scales the learning rate (LR scales are recorded)."""
+        return any(r.scales_lr for r in self.remedies)
+
+    def step(self, loss: Any = None, global_step: int | None = None) -> StepOutcome:
+        """Records one step, after backward (and ``scaler.unscale_``), before ``optimizer.step``.
+
+        Args:
+            loss: The step's loss (a tensor or a number), checked for NaN/Inf (never synced). A
+                value that is not a number is dropped with one warning; the gradients still count.
+            global_step: This step's number instead of one more than the previous one.
+        """
+        if self._order.active:
+            self._finish_forward_order()
+        probe = self.probe
+        pattern = probe.grad_pattern()
+        if not any(pattern):
+            self._warn_once(
+                "no-grad", "GradWatch.step() found no gradients: call it after loss.backward()"
+            )
+            return StepOutcome(StepReport(step=self.step_count))
+        fingerprint = self._grad_fingerprint(pattern)
+        if self._last_report is not None and _same(self._fingerprint, fingerprint):
+            self._warn_once(
+                "twice",
+                "GradWatch.step() called twice for one backward pass; the repeat is ignored",
+            )
+            return StepOutcome(self._last_report)
+        step = self._step_number(global_step)
+        cadence = self.config.log_every_n_steps
+        flush_due = (step + 1) // cadence > self.step_count // cadence  # reached/passed a multiple
+
+        sq_norms, has_grad = probe.grad_sq_norms(pattern)
+        norms = sq_norms.sqrt()
+        total = sq_norms.sum().sqrt()
+        if flush_due or self._weights_stale:
+            self._weight_norms = probe.weight_sq_norms().sqrt()
+            self._weights_stale = False
+        update_ratio = self._measure_updates(step) if self.config.track_updates else None
+        grads_finite = finite(total)
+        loss_finite = self._loss_finite(loss)
+        overflow = self._amp_overflow(grads_finite)
+        obs = Observation(
+            steps=(step,),
+            norms=norms[None],
+            totals=total[None],
+            valid=(grads_finite & loss_finite)[None],  # an overflow step has non-finite gradients
+            has_grad=has_grad,
+            weight_norms=self._weight_norms,
+            grads_finite=grads_finite[None],
+            loss_finite=loss_finite[None],
+            overflow=overflow[None],
+            update_ratio=update_ratio,
+            update_applied=self._previous_applied if update_ratio is not None else None,
+            activations=self.activations.collect() if self.activations is not None else None,
+        )
+        flags: dict[AlertKind, torch.Tensor] = {}
+        for detector, pending in zip(self.detectors, self._pending, strict=True):
+            if detector.cadence == "step":
+                detection = detector.observe(obs)
+                pending.append(detection)  # stacked at the flush: no per-step work
+                if self._needs_flags:
+                    fired = detection.fired.reshape(())
+                    previous = flags.get(detector.kind)
+                    flags[detector.kind] = fired if previous is None else previous | fired
+        if self._needs_flags:
+            nonfinite_now = (~grads_finite & ~overflow) | ~loss_finite
+            previous = flags.get(AlertKind.NONFINITE)
+            flags[AlertKind.NONFINITE] = (
+                nonfinite_now if previous is None else previous | nonfinite_now
+            )
+        if self.config.nonfinite == "raise" and self._host_flags(flags)[AlertKind.NONFINITE]:
+            self.history.write(step, norms, total, None, 1.0)
+            self.step_count = step + 1
+            record = self.flush()
+            return StepOutcome(StepReport(step=step), record, GradientError(self._error(step)))
+        clip_coef, skip, lr_scale = self._apply_remedies(obs, pattern, flags)
+        self._previous_applied = ~overflow & (self._false if skip else self._true)
+        self.history.write(step, norms, total, clip_coef, lr_scale)
+        if self.histograms is not None and step % self.config.histogram_every_n_steps == 0:
+            params, grads = probe.grads(pattern) if not skip else ([], [])
+            self._histogram_rows.append((step, self.histograms.compute(params, grads, sq_norms)))
+        self.step_count = step + 1
+        self._fingerprint = fingerprint
+        report = StepReport(
+            step=step, skipped=skip, total_norm=total, clip_coef=clip_coef, lr_scale=lr_scale
+        )
+        record = self.flush() if flush_due else None
+        if record is not None:
+            report.alerts = list(record.new_alerts)
+        self._last_report = report
+        return StepOutcome(report, record)
+
+    def flush(self) -> FlushRecord | None:
+        """Materialises everything pending: one host transfer, new alerts; None if nothing is."""
+        history = self.history
+        if history.num_pending == 0:
+            return None
+        hist_norms, hist_scalars = history.pending()
+        steps = np.asarray(history.pending_steps, dtype=np.int64)
+        tensors = [hist_norms, hist_scalars, self._weight_norms]
+        if self._update_ratio is not None:
+            tensors.append(self._update_ratio)
+        block = self._flush_observation(steps, hist_norms, hist_scalars[:, 0])
+        rows = [
+            _stack(
+                [detector.observe(block)] if detector.cadence == "flush" else pending,
+                self.layout.device,
+            )
+            for detector, pending in zip(self.detectors, self._pending, strict=True)
+        ]
+        tensors += rows
+        if self._overflow_rows:
+            tensors.append(torch.stack(self._overflow_rows))
+        tensors += [h for _, h in self._histogram_rows]
+        host = iter(to_host(tensors))
+        norms, scalars, weight_norms = next(host), next(host), next(host)
+        update_ratio = next(host) if self._update_ratio is not None else None
+        detector_rows = [next(host) for _ in rows]
+        overflow_rows = next(host) if self._overflow_rows else None
+        histograms = [
+            (step, name, hist)
+            for step, _ in self._histogram_rows
+            if self.histograms is not None
+            for name, hist in self.histograms.decode(next(host))
+        ]
+        lr_scales = np.asarray(history.pending_lr_scales, dtype=np.float32)
+        history.commit(norms, scalars)
+        for pending in self._pending:
+            pending.clear()
+        self._overflow_rows = []
+        self._histogram_rows = []
+
+        new_alerts: list[Alert] = []
+        if overflow_rows is not None:
+            new_alerts += self._overflow_alerts(steps, overflow_rows)
+        for detector, det_rows in zip(self.detectors, detector_rows, strict=True):
+            alert = self._alert_from_rows(detector, steps, det_rows)
+            if alert is not None:
+                new_alerts.append(alert)
+        return FlushRecord(
+            layer_names=self.layer_names,
+            steps=steps,
+            grad_norms=norms,
+            total_norms=scalars[:, 0],
+            clip_coefs=scalars[:, 1] if self.clips else None,
+            lr_scales=lr_scales if self.scales_lr else None,
+            weight_norms=weight_norms,
+            update_ratios=update_ratio,
+            histograms=histograms,
+            new_alerts=new_alerts,
+            alert_counts={k.value: v for k, v in self.book.counts().items()},
+        )
+
+    def last_norms(self) -> dict[str, float]:
+        """Per-layer L2 gradient norm of the latest flushed step (empty before any)."""
+        if not len(self.history.host_steps):
+            return {}
+        row = self.history.host_norms[-1]
+        return {name: float(v) for name, v in zip(self.layer_names, row, strict=True)}
+
+    def history_dict(self) -> dict[str, np.ndarray]:
+        """The flushed window: ``"step"`` and one norm array per layer."""
+        return self.history.as_dict(self.layer_names)
+
+    def close(self) -> None:
+        """Removes every hook and restores the learning rates; the engine records nothing more."""
+        self._order.remove()
+        if self.activations is not None:
+            self.activations.remove()
+        if self._lr_source is not None:
+            self._lr_source.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-value state (flush first): step counter, history, alerts, statistics."""
+        state: dict[str, Any] = {
+            "version": STATE_VERSION,
+            "step": self.step_count,
+            "layer_names": self.layer_names,
+            "alerts": self.book.state_dict(),
+            "history": self.history.state_dict(),
+            "detectors": [[type(d).__name__, d.state_dict()] for d in self.detectors],
+            "remedies": [[type(r).__name__, r.state_dict()] for r in self.remedies],
+        }
+        if self.activations is not None:
+            state["activations"] = self.activations.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`; the step counter, history and statistics continue.
+
+        Raises:
+            ValueError: ``state`` is not a gradwatch state, or comes from a model with other layers
+                (nothing is restored then).
+        """
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError(f"not a GradWatch state_dict: {type(state).__name__}")
+        if self._order.active:
+            self._finish_forward_order()
+        saved_layers = list(state.get("layer_names", []))
+        if sorted(saved_layers) != sorted(self.layer_names):
+            raise ValueError(
+                "the saved state belongs to a model with other layers "
+                f"({len(saved_layers)} saved, {self.layout.num_layers} here); nothing restored"
+            )
+        if saved_layers != self.layer_names:  # same layers, other forward order: adopt it
+            position = {name: i for i, name in enumerate(self.layer_names)}
+            self._relayout([self.layout.layers[position[name]] for name in saved_layers])
+        self.step_count = state["step"]
+        self.book.load_state_dict(state.get("alerts", {}))
+        if "history" in state:
+            self.history.load_state_dict(state["history"])
+        if self.activations is not None and "activations" in state:
+            self.activations.load_state_dict(state["activations"])
+        for part, objects in (("detectors", self.detectors), ("remedies", self.remedies)):
+            saved = state.get(part, [])
+            if [name for name, _ in saved] != [type(obj).__name__ for obj in objects]:
+                self._warn_once(
+                    f"state-{part}",
+                    f"GradWatch.load_state_dict: the saved {part} differ from this watch's; "
+                    "their statistics start afresh",
+                )
+                continue
+            for obj, (_, sub) in zip(objects, saved, strict=True):
+                obj.load_state_dict(sub)
+
+    # ------------------------------------------------------------------ layout
+
+    def _bind(self) -> None:
+        for detector in self.detectors:
+            detector.bind(self.layout)
+        for remedy in self.remedies:
+            remedy.bind(self.layout)
+        for detector in self.detectors:
+            if detector.needs is not None and not getattr(self.config, detector.needs):
+                self._warn_once(
+                    f"needs-{detector.needs}",
+                    f"gradwatch: {type(detector).__name__} needs GradWatch(..., "
+                    f"{detector.needs}=True); it stays quiet",
+                )
+
+    def _finish_forward_order(self) -> None:
+        """Puts the layers in the order they first ran (before any step)."""
+        layers = self.layout.layers
+        order = [layers[i] for i in forward_permutation(len(layers), self._order.finish())]
+        if order != list(layers):
+            self._relayout(order)
+
+    def _relayout(self, layers: list[Layer]) -> None:
+        """Rebuilds everything that depends on the layers (their statistics start afresh)."""
+        self.layout = Layout.build(layers, self.layout.activation_names)
+        device = self.layout.device
+        self.probe = GradientProbe(layers, device)
+        self.history = NormHistory(self.config.history_window, len(layers), device)
+        if self.histograms is not None:
+            self.histograms = GradientHistograms(self.layout)
+        self._weight_norms = torch.zeros(len(layers), device=device)
+        self._weights_stale = True
+        self._update_ratio = None
+        self._snapshot = None
+        self._bind()
+
+    # ------------------------------------------------------------------ the step
+
+    def _step_number(self, global_step: int | None) -> int:
+        if global_step is None:
+            return self.step_count
+        if isinstance(global_step, bool) or not isinstance(global_step, int):
+            self._warn_once(
+                "global-step",
+                f"gradwatch: global_step must be an int, got {global_step!r}; ignored",
+            )
+            return self.step_count
+        if not 0 <= global_step <= _MAX_STEP:
+            self._warn_once(
+                "global-step", f"gradwatch: global_step {global_step} is out of range; ignored"
+            )
+            return self.step_count
+        return global_step
+
+    def _loss_finite(self, loss: Any) -> torch.Tensor:
+        if loss is None:
+            return self._true
+        try:
+            value = torch.as_tensor(loss).detach()
+            if value.device.type == "meta" or value.is_complex() or value.dtype == torch.bool:
+                raise TypeError(f"not a real number with a value: {value.dtype} on {value.device}")
+            return finite(value.sum()).to(self.layout.device)  # in its own dtype: 1e300 is finite
+        except Exception as error:
+            self._warn_once(
+                "loss", f"gradwatch: the loss passed to step() is not usable ({error!r}); ignored"
+            )
+            return self._true
+
+    def _amp_overflow(self, grads_finite: torch.Tensor) -> torch.Tensor:
+        """Whether this step is an AMP overflow step the scaler will skip (not yet persistent)."""
+        scaler = self.scaler
+        if scaler is None or not _scaler_enabled(scaler):
+            return self._false
+        raw = ~grads_finite
+        self._overflow_run = torch.where(raw, self._overflow_run + 1, 0.0)
+        persistent = self._overflow_run >= AMP_PERSISTENT_STEPS
+        scale = getattr(scaler, "_scale", None)
+        if isinstance(scale, torch.Tensor):
+            persistent = persistent | (scale.to(self.layout.device).reshape(()) < 1.0)
+        overflow = raw & ~persistent
+        self._overflow_rows.append(torch.stack([overflow.float(), self._overflow_run]))
+        return overflow
+
+    def _measure_updates(self, step: int) -> torch.Tensor | None:
+        """Exact ``||Δw|| / ||w||`` per layer over the update between the previous and this step."""
+        probe = self.probe
+        ratio = None
+        with torch.no_grad():
+            current = [distributed.local_part(p.detach()) for p in probe.params]
+            if self._snapshot is not None:
+                deltas = torch._foreach_sub(current, self._snapshot)
+                sq = probe.reduce_tensors(list(deltas))
+                weight_sq = probe.weight_sq_norms()
+                ratio = sq.sqrt() / weight_sq.sqrt().clamp_min(1e-12)
+                self._update_ratio = ratio
+                self._snapshot = None
+            cadence = self.config.log_every_n_steps
+            if (step + 2) % cadence == 0 or cadence == 1:
+                self._snapshot = [t.clone() for t in current]
+        return ratio
+
+    def _host_flags(self, flags: dict[AlertKind, torch.Tensor]) -> dict[AlertKind, bool]:
+        """This step's flags on the host, OR-ed over ranks (one small collective and transfer)."""
+        kinds = list(flags)
+        stacked = torch.stack([flags[k] for k in kinds]).float()
+        values = to_host([distributed.all_reduce_max_(stacked)])[0]
+        return {kind: bool(value) for kind, value in zip(kinds, values, strict=True)}
+
+    def _apply_remedies(
+        self, obs: Observation, pattern: tuple[int, ...], flags: dict[AlertKind, torch.Tensor]
+    ) -> tuple[torch.Tensor | None, bool, float]:
+        """Asks every remedy in order and applies the decisions: one pass over the gradients for
+        all the clipping coefficients together, AGC's per-tensor factors where it stands."""
+        if not self.remedies:
+            return None, False, 1.0
+        probe = self.probe
+        host: list[dict[AlertKind, bool]] = []
+
+        def host_flags() -> dict[AlertKind, bool]:
+            if not host:
+                host.append(self._host_flags(flags))
+            return host[0]
+
+        def grads() -> tuple[list[nn.Parameter], list[torch.Tensor]]:
+            return probe.grads(pattern)
+
+        total_now = obs.totals[0]
+        pending: torch.Tensor | None = None  # clipping not yet multiplied into the gradients
+        clip_coef: torch.Tensor | None = None
+        skip = False
+        lr_scale = 1.0
+        for remedy in list(self.remedies):
+            if remedy.reads_gradients and pending is not None:
+                scale_(grads()[1], pending)
+                pending = None
+            view = RemedyInput(obs, flags, total_now, grads, host_flags)
+            try:
+                decision = remedy.decide(view)
+            except Exception as error:  # one broken remedy never stops the others
+                self.remedies.remove(remedy)
+                self._warn_once(
+                    f"remedy-{id(remedy)}",
+                    f"gradwatch: remedy {type(remedy).__name__} failed ({error!r}); it is "
+                    "disabled and the other remedies go on",
+                )
+                continue
+            if decision.tensor_coefs:
+                with torch.no_grad():
+                    for grad, factor in decision.tensor_coefs:
+                        grad.mul_(factor)
+                sq, _ = probe.grad_sq_norms(pattern)
+                after = sq.sum().sqrt()
+                ratio = torch.where(total_now > 0, after / total_now, 1.0)
+                clip_coef = ratio if clip_coef is None else clip_coef * ratio
+                total_now = after
+            if decision.clip_coef is not None:
+                coef = decision.clip_coef.float()
+                pending = coef if pending is None else pending * coef
+                clip_coef = coef if clip_coef is None else clip_coef * coef
+                total_now = total_now * coef
+            skip = skip or decision.skip
+            if decision.lr_scale is not None:
+                lr_scale *= decision.lr_scale
+        if pending is not None:
+            scale_(grads()[1], pending)
+        if skip:
+            params = (
+                optimizer_params(self.optimizer)
+                if self.optimizer is not None
+                else self.layout.params
+            )
+            drop_gradients(params)
+        if self._lr_source is not None:
+            self._lr_source.set(lr_scale)
+        return clip_coef, skip, lr_scale
+
+    def _grad_fingerprint(
+        self, pattern: tuple[int, ...]
+    ) -> list[tuple[weakref.ref[torch.Tensor], int]]:
+        """A few gradients (weakly referenced) and their versions: unchanged means no backward."""
+        params = self.probe.params
+        present = [i for i in (0, len(params) // 2, len(params) - 1) if pattern[i]]
+        grads = [params[i].grad for i in present]
+        return [(weakref.ref(g), g._version) for g in grads if g is not None]
+
+    def _error(self, step: int) -> Alert:
+        for alert in reversed(self.book.alerts):
+            if alert.kind is AlertKind.NONFINITE:
+                return alert
+        return Alert(
+            AlertKind.NONFINITE,
+            step,
+            (),
+            float("nan"),
+            0.0,
+            "error",
+            "a gradient or the loss is NaN/Inf",
+            advise(AlertKind.NONFINITE, self.profile),
+        )
+
+    # ------------------------------------------------------------------ the flush
+
+    def _flush_observation(
+        self, steps: np.ndarray, norms: torch.Tensor, totals: torch.Tensor
+    ) -> Observation:
+        """The pending steps as one block, for flush-cadence detectors."""
+        valid = torch.isfinite(totals)
+        return Observation(
+            steps=tuple(int(s) for s in steps),
+            norms=norms,
+            totals=totals,
+            valid=valid,
+            has_grad=torch.ones(norms.shape[1], dtype=torch.bool, device=norms.device),
+            weight_norms=self._weight_norms,
+            grads_finite=valid,
+            loss_finite=torch.ones_like(valid),
+            overflow=torch.zeros_like(valid),
+        )
+
+    def _alert_from_rows(
+        self, detector: Detector, steps: np.ndarray, rows: np.ndarray
+    ) -> Alert | None:
+        fired = np.flatnonzero(rows[:, 0] > 0.5) if len(rows) else np.zeros(0, dtype=np.int64)
+        if not len(fired):
+            return None
+        first = fired[0]
+        value = float(rows[first, 1])
+        names = detector.candidate_names()
+        scores = rows[first, 2:]
+        order = [i for i in np.argsort(-scores, kind="stable") if scores[i] > 0]
+        layers = tuple(names[i] for i in order if i < len(names))
+        alert = Alert(
+            kind=detector.kind,
+            step=int(steps[first]),
+            layers=layers,
+            value=value,
+            threshold=float(detector.threshold),
+            severity=detector.severity,
+            message=detector.message(value, layers),
+            advice=advise(detector.kind, self.profile, layers=layers),
+        )
+        return self.book.record(alert, int(steps[fired[-1]]), len(fired))
+
+    def _overflow_alerts(self, steps: np.ndarray, rows: np.ndarray) -> list[Alert]:
+        fired = np.flatnonzero(rows[:, 0] > 0.5)
+        if not len(fired):
+            return []
+        first = fired[0]
+        alert = Alert(
+            kind=AlertKind.AMP_OVERFLOW,
+            step=int(steps[first]),
+            layers=(),
+            value=float(len(fired)),
+            threshold=0.0,
+            severity="info",
+            message=(
+                f"{len(fired)} AMP overflow step(s) from step {int(steps[first])}: the GradScaler "
+                "skipped them and lowered its scale (expected occasionally)"
+            ),
+        )
+        recorded = self.book.record(alert, int(steps[fired[-1]]), len(fired))
+        return [recorded] if recorded is not None else []
+
+
+def _stack(detections: list[Detection], device: torch.device) -> torch.Tensor:
+    """Stacks detections into ``[k, 2 + C]`` rows: fired, value, then the scores."""
+    if not detections:
+        return torch.zeros(0, 2, device=device)
+    fired = torch.cat([d.fired.reshape(-1) for d in detections]).float()[:, None]
+    value = torch.cat([d.value.reshape(-1) for d in detections]).float()[:, None]
+    columns = [fired, value]
+    if all(d.scores is not None for d in detections):
+        scores = torch.cat([d.scores for d in detections if d.scores is not None])
+        columns.append(scores.float().reshape(fired.shape[0], -1))
+    return torch.cat(columns, dim=1)
+
+
+def _same(
+    a: list[tuple[weakref.ref[torch.Tensor], int]] | None,
+    b: list[tuple[weakref.ref[torch.Tensor], int]],
+) -> bool:
+    if a is None or len(a) != len(b) or not b:
+        return False
+    return all(
+        ra() is not None and ra() is rb() and va == vb
+        for (ra, va), (rb, vb) in zip(a, b, strict=True)
+    )
+
+
+def _scaler_enabled(scaler: Any) -> bool:
+    is_enabled = getattr(scaler, "is_enabled", None)
+    return bool(is_enabled()) if callable(is_enabled) else True

@@ -1,0 +1,448 @@
+"""Remedies: decide how to change the gradients or the update of a step, in the order given.
+
+A remedy reads a :class:`~gradwatch.engine.observation.RemedyInput` (the step, this step's
+detection flags, and the total norm after the remedies before it) and returns a
+:class:`~gradwatch.engine.observation.Decision`; the engine applies the decisions. The clipping
+remedies (:class:`ClipNorm`, :class:`AutoClip`, :class:`ZClip`, :class:`AGC`) decide on the device
+only: their coefficients are computed and clamped there and multiplied in unconditionally, like
+``torch.nn.utils.clip_grad_norm_``, so they add no host synchronisation. :class:`LRBackoff` and
+:class:`SkipStep` decide on the host and read this step's detection flags with one small transfer
+per step (shared between them).
+
+Example:
+    >>> import torch, gradwatch as gw
+    >>> model = torch.nn.Linear(4, 1)
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> watch = gw.GradWatch(model, optimizer, remedies=[gw.AutoClip(), gw.LRBackoff()])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Sequence
+from typing import ClassVar
+
+import torch
+
+from gradwatch.engine.alerts import AlertKind
+from gradwatch.engine.checks import check_int, check_names, check_number
+from gradwatch.engine.component import Component
+from gradwatch.engine.distributed import local_part
+from gradwatch.engine.observation import Decision, RemedyInput
+from gradwatch.engine.thresholds import AUTOCLIP_MAX_HISTORY, CLIP_EPS
+
+_AGC_EXCLUSIONS = ("final", "vectors")
+TRIGGERS = {
+    "nonfinite": AlertKind.NONFINITE,
+    "spike": AlertKind.SPIKE,
+    "exploding": AlertKind.EXPLODING,
+}
+"""The detections a remedy can be triggered by (``on=``), by name."""
+
+
+class Remedy(Component):
+    """Base class of every remedy.
+
+    Subclasses declare their state with :meth:`add_state`, derive layout-dependent constants in
+    :meth:`prepare` and implement :meth:`decide`.
+
+    Attributes:
+        clips: Its decisions scale the gradients (``clip_coef`` is reported).
+        scales_lr: Its decisions scale the learning rate (``lr_scale`` is reported).
+        skips: Its decisions may skip the update.
+        reads_gradients: It looks at individual gradient tensors (the engine applies the pending
+            clipping of earlier remedies first).
+        needs_optimizer: It acts on the optimizer (``GradWatch`` requires one).
+    """
+
+    clips: ClassVar[bool] = False
+    scales_lr: ClassVar[bool] = False
+    skips: ClassVar[bool] = False
+    reads_gradients: ClassVar[bool] = False
+    needs_optimizer: ClassVar[bool] = False
+
+    def decide(self, view: RemedyInput) -> Decision:
+        """This remedy's decision for one step."""
+        raise NotImplementedError
+
+
+class ClipNorm(Remedy):
+    """Fixed total-norm clipping, numerically ``torch.nn.utils.clip_grad_norm_``.
+
+    Reuses the total L2 norm the probe already measured (no second pass over the gradients):
+    ``coef = clamp(max_norm / (total_norm + 1e-6), max=1)``, computed on the device and multiplied
+    into every gradient. No host synchronisation.
+
+    Example:
+        >>> clip = ClipNorm(max_norm=1.0)
+
+    Args:
+        max_norm: Largest total gradient norm allowed; > 0.
+        norm_type: Only ``2.0`` (the norm the probe measures).
+
+    Raises:
+        ValueError: ``max_norm`` not positive and finite, or ``norm_type`` other than 2.
+    """
+
+    clips = True
+
+    def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
+        super().__init__()
+        self.max_norm = check_number("max_norm", max_norm, low=0.0)
+        norm = check_number("norm_type", norm_type, low=0.0, finite=False)
+        if norm != 2.0:
+            raise ValueError(
+                f"norm_type must be 2.0 (ClipNorm reuses the L2 norms gradwatch measures), "
+                f"got {norm_type!r}"
+            )
+
+    def decide(self, view: RemedyInput) -> Decision:
+        """Scales the gradients so that their total norm is at most ``max_norm``."""
+        coef = (self.max_norm / (view.total_now.float() + CLIP_EPS)).clamp(max=1.0)
+        return Decision(clip_coef=coef)
+
+
+class AutoClip(Remedy):
+    """Clips the total norm to a percentile of the norms seen so far (Seetharaman et al., 2020).
+
+    Each step appends the observed total norm (after earlier remedies) to the history, then clips
+    to the ``percentile``-th percentile of the history (linear interpolation, as
+    ``numpy.percentile``). Non-finite steps (and AMP overflow steps) never enter the history and are
+    not clipped.
+
+    The history lives on the device: the last ``window`` steps, or with ``window=None`` the whole
+    run up to the most recent :data:`~gradwatch.engine.thresholds.AUTOCLIP_MAX_HISTORY` steps. The
+    percentile is found with one partial sort (``torch.topk`` of the smallest ``percentile``% of
+    the history) per step; no host synchronisation.
+
+    Example:
+        >>> clip = AutoClip(percentile=10.0, window=1000)
+
+    Args:
+        percentile: Percentile of the history to clip to, in (0, 100].
+        window: Steps of history kept (>= 1), or None for the whole run (capped as above).
+
+    Raises:
+        ValueError: ``percentile`` outside (0, 100] or ``window`` < 1.
+    """
+
+    clips = True
+    norms: torch.Tensor
+    written: int
+
+    def __init__(self, percentile: float = 10.0, window: int | None = None) -> None:
+        super().__init__()
+        self.percentile = check_number("percentile", percentile, low=0.0, high=100.0)
+        if window is not None:
+            check_int("window", window, minimum=1, maximum=AUTOCLIP_MAX_HISTORY * 100)
+        self.window = window
+        self.capacity = window if window is not None else AUTOCLIP_MAX_HISTORY
+        # A ring of the last ``capacity`` norms; +inf marks an empty slot or a step left out
+        # (it sorts after every real norm).
+        self.add_state("norms", math.inf, self.capacity)
+        self.add_state("written", 0)
+
+    def decide(self, view: RemedyInput) -> Decision:
+        """Records this step's total norm and clips to the percentile of the history."""
+        total = view.total_now.float()
+        valid = view.obs.valid[0] & torch.isfinite(total)
+        self.norms[self.written % self.capacity].copy_(torch.where(valid, total, math.inf))
+        self.written += 1
+        coef = (self._threshold() / (total + CLIP_EPS)).clamp(max=1.0)
+        return Decision(clip_coef=torch.where(valid, coef, 1.0))
+
+    def _threshold(self) -> torch.Tensor:
+        """The percentile of the recorded finite norms, +inf while there is none (on device)."""
+        size = min(self.written, self.capacity)
+        history = self.norms[:size]
+        fraction = self.percentile / 100.0
+        # Among ``count <= size`` finite norms the percentile sits at rank
+        # ``fraction * (count - 1)``, so the ``floor(fraction * (size - 1)) + 2`` smallest entries
+        # always contain it.
+        keep = min(size, math.floor(fraction * (size - 1)) + 2)
+        smallest = torch.topk(history, keep, largest=False, sorted=True).values
+        count = torch.isfinite(history).sum()
+        rank = fraction * (count - 1).clamp(min=0).double()
+        lower = rank.floor()
+        below = smallest[lower.long().clamp(max=keep - 1)]
+        above = smallest[(lower.long() + 1).clamp(max=(count - 1).clamp(min=0)).clamp(max=keep - 1)]
+        weight = (rank - lower).float()
+        return torch.where(weight > 0, below + (above - below) * weight, below)
+
+
+class ZClip(Remedy):
+    """Z-score clipping against an EMA of the total norm (Kumar et al., 2025).
+
+    For the first ``warmup_steps`` valid steps nothing is clipped; their mean and (population)
+    variance initialise the statistics. Afterwards, with ``z = (g - mean) / (std + eps)`` for the
+    total norm ``g``, a step with ``z > z_thresh`` is clipped to the paper's reciprocal
+    ("adaptive scaling") threshold ``mean + z_thresh**2 / z * std``: the larger the outlier, the
+    closer to the mean it is cut. The EMAs are then updated with the clipped norm
+    (``mean <- alpha*mean + (1-alpha)*g'``, ``var <- alpha*var + (1-alpha)*(g' - mean)**2``).
+    Calm steps are left exactly as they are; non-finite steps are neither clipped nor counted.
+    Everything stays on the device: no host synchronisation.
+
+    Example:
+        >>> clip = ZClip(alpha=0.97, z_thresh=2.5, warmup_steps=25)
+
+    Args:
+        alpha: EMA smoothing factor, in (0, 1).
+        z_thresh: z-score above which a step is clipped; > 0.
+        warmup_steps: Valid steps used to initialise mean and variance; >= 1.
+        eps: Added to the standard deviation in the z-score; > 0.
+
+    Raises:
+        ValueError: An argument outside its range.
+    """
+
+    clips = True
+    mean: torch.Tensor
+    var: torch.Tensor
+    count: torch.Tensor
+
+    def __init__(
+        self, alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25, eps: float = 1e-6
+    ) -> None:
+        super().__init__()
+        self.alpha = check_number("alpha", alpha, low=0.0, high=1.0, high_open=True)
+        self.z_thresh = check_number("z_thresh", z_thresh, low=0.0)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=1)
+        self.eps = check_number("eps", eps, low=0.0)
+        self.add_state("mean", 0.0, "scalar")
+        self.add_state("var", 0.0, "scalar")
+        self.add_state("count", 0.0, "scalar")  # valid warm-up steps seen
+
+    def decide(self, view: RemedyInput) -> Decision:
+        """Clips an outlier step back toward the running mean and updates the statistics."""
+        norm = view.total_now.float()
+        valid = view.obs.valid[0] & torch.isfinite(norm)
+        mean, var, count = self.mean, self.var, self.count
+        warming = count < self.warmup_steps
+        std = var.sqrt()
+        z = (norm - mean) / (std + self.eps)
+        spike = valid & ~warming & (z > self.z_thresh)
+        threshold = mean + (self.z_thresh**2) * std / z
+        coef = torch.where(spike, threshold / (norm + CLIP_EPS), 1.0)
+
+        clipped = torch.where(spike, threshold, norm)
+        seen = count + 1  # warm-up: running population mean and variance (Welford)
+        delta = norm - mean
+        warm_mean = mean + delta / seen
+        warm_var = (var * count + delta * (norm - warm_mean)) / seen
+        ema_mean = self.alpha * mean + (1.0 - self.alpha) * clipped
+        ema_var = self.alpha * var + (1.0 - self.alpha) * (clipped - ema_mean).square()
+        self.mean = torch.where(valid, torch.where(warming, warm_mean, ema_mean), mean)
+        self.var = torch.where(valid, torch.where(warming, warm_var, ema_var), var)
+        self.count = torch.where(valid & warming, seen, count)
+        return Decision(clip_coef=coef)
+
+
+class AGC(Remedy):
+    """Unit-wise adaptive gradient clipping (Brock et al., 2021, NFNets).
+
+    For every parameter, each output unit (a slice along dim 0: a row of a Linear weight, a filter
+    of a Conv weight) has its gradient norm limited to ``clipping * max(||w_unit||, eps)``:
+    ``g_unit <- g_unit * max_norm / max(||g_unit||, 1e-6)`` when ``||g_unit|| > max_norm``, as the
+    reference implementation. Vectors and scalars (biases, normalisation gains) count as one unit,
+    as in the reference. The paper leaves the final (classifier) layer unclipped; so does the
+    default ``exclude=("final",)``; add ``"vectors"`` to leave every 1-d parameter alone too.
+
+    The coefficient reported as ``clip_coef`` is the ratio of total norms after/before AGC.
+    Gradients are rescaled with one ``_foreach_mul_``; the unit norms are computed per parameter,
+    on the device (no host synchronisation). With sharded parameters each rank clips the units it
+    holds (exact for dim-0 sharding, as FSDP2 uses).
+
+    Example:
+        >>> agc = AGC(clipping=0.01, exclude=("final", "vectors"))
+
+    Args:
+        clipping: The clipping factor λ; > 0.
+        eps: Floor of the weight unit norm (so zero-initialised weights can still move); > 0.
+        exclude: Parameters left unclipped: ``"final"`` (the last layer in forward order) and/or
+            ``"vectors"`` (every parameter with at most one dimension).
+
+    Raises:
+        ValueError: ``clipping``/``eps`` not positive, or an unknown ``exclude`` name.
+    """
+
+    clips = True
+    reads_gradients = True
+
+    def __init__(
+        self, clipping: float = 0.01, eps: float = 1e-3, exclude: Collection[str] = ("final",)
+    ) -> None:
+        super().__init__()
+        self.clipping = check_number("clipping", clipping, low=0.0)
+        self.eps = check_number("eps", eps, low=0.0)
+        self.exclude = check_names("exclude", exclude, _AGC_EXCLUSIONS, allow_empty=True)
+        self._excluded: set[int] = set()
+
+    def prepare(self) -> None:
+        """Finds the parameters left unclipped."""
+        layers = self.layout.layers
+        final = "final" in self.exclude and layers
+        self._excluded = {id(p) for p in layers[-1].params} if final else set()
+
+    def decide(self, view: RemedyInput) -> Decision:
+        """Clips every unit's gradient relative to its weight."""
+        params, grads = view.grads()
+        coefs = []
+        with torch.no_grad():
+            for param, grad in zip(params, grads, strict=True):
+                if (
+                    id(param) in self._excluded
+                    or ("vectors" in self.exclude and grad.dim() <= 1)
+                    or grad.is_sparse
+                ):
+                    continue
+                max_norm = _unit_norms(local_part(param.detach())).clamp(min=self.eps)
+                max_norm = max_norm * self.clipping
+                grad_norm = _unit_norms(grad)
+                coef = torch.where(grad_norm > max_norm, max_norm / grad_norm.clamp(min=1e-6), 1.0)
+                coefs.append((grad, coef.to(grad.dtype)))
+        return Decision(tensor_coefs=coefs)
+
+
+class LRBackoff(Remedy):
+    """Scales every param group's learning rate down on SPIKE/EXPLODING, and back up once healthy.
+
+    Backoff: a step flagged by a detection named in ``on`` multiplies the scale by ``factor``, for
+    the update of that very step. Repeated flags compound (down to ``min_scale``), at most once per
+    ``cooldown`` steps: a divergence is flagged on several consecutive steps, and the previous
+    backoff needs a few updates to show its effect.
+
+    Recovery: after ``patience`` healthy (unflagged) steps in a row the scale climbs back
+    geometrically, one ``factor`` level every ``recovery_steps * depth**2`` steps, where ``depth``
+    is the deepest level (number of backoffs) reached since the scale was last 1. With the defaults
+    a single spike (depth 1) is fully recovered after ``patience + recovery_steps`` = 50 healthy
+    steps; after 2 levels each level takes 160 steps, after 4 levels 640: the deeper the backoff,
+    the slower the climb, so a run that diverged at its original rate is not driven straight back
+    there. A flag during the climb backs off again and restarts the patience.
+
+    The engine applies the scale around the optimizer step (a step pre-hook multiplies each group's
+    ``lr``, a post-hook puts back the exact original value), so the stored learning rate is never
+    changed: any ``torch.optim.lr_scheduler`` (chainable ones included) composes, and once recovered
+    the learning rate is exactly the scheduler's.
+
+    Host synchronisation: reads this step's detection flags with one small transfer per step
+    (shared with :class:`SkipStep`).
+
+    Example:
+        >>> backoff = LRBackoff(factor=0.5, min_scale=1e-3)
+
+    Args:
+        factor: Multiplier applied on a flagged step, in (0, 1).
+        min_scale: Floor of the scale, in (0, 1].
+        patience: Healthy steps in a row before the climb back starts; >= 0.
+        recovery_steps: Steps to climb back one ``factor`` level from depth 1; >= 1.
+        cooldown: Minimum steps between two backoffs; >= 1 (1 compounds on every flagged step).
+        on: Detections that trigger a backoff, among ``"spike"``, ``"exploding"``, ``"nonfinite"``.
+
+    Raises:
+        ValueError: An argument outside its range or an unknown ``on`` name.
+    """
+
+    scales_lr = True
+    needs_optimizer = True
+    level: float
+    depth: float
+    healthy_steps: int
+    since_backoff: int
+    backoffs: int
+
+    def __init__(
+        self,
+        factor: float = 0.5,
+        *,
+        min_scale: float = 1e-3,
+        patience: int = 10,
+        recovery_steps: int = 40,
+        cooldown: int = 5,
+        on: Sequence[str] = ("spike", "exploding"),
+    ) -> None:
+        super().__init__()
+        self.factor = check_number("factor", factor, low=0.0, high=1.0, high_open=True)
+        self.min_scale = check_number("min_scale", min_scale, low=0.0, high=1.0)
+        self.patience = check_int("patience", patience, minimum=0)
+        self.recovery_steps = check_int("recovery_steps", recovery_steps, minimum=1)
+        self.cooldown = check_int("cooldown", cooldown, minimum=1)
+        self.on = check_names("on", on, tuple(TRIGGERS))
+        self._kinds = [TRIGGERS[name] for name in self.on]
+        self._max_level = math.log(self.min_scale) / math.log(self.factor)
+        self.add_state("level", 0.0)  # the scale is factor ** level
+        self.add_state("depth", 0.0)  # deepest level since the scale was last 1
+        self.add_state("healthy_steps", 0)
+        self.add_state("since_backoff", cooldown)
+        self.add_state("backoffs", 0)
+
+    @property
+    def scale(self) -> float:
+        """Current learning-rate scale (exactly 1.0 when not backed off)."""
+        return 1.0 if self.level == 0.0 else max(self.factor**self.level, self.min_scale)
+
+    def decide(self, view: RemedyInput) -> Decision:
+        """Backs off on a flagged step, otherwise counts a healthy step and climbs back."""
+        flags = view.host_flags()
+        if any(flags.get(kind, False) for kind in self._kinds):
+            if self.since_backoff >= self.cooldown:
+                self.level = min(self.level + 1.0, self._max_level)
+                self.depth = max(self.depth, self.level)
+                self.backoffs += 1
+                self.since_backoff = 0
+            self.healthy_steps = 0
+        else:
+            self.healthy_steps += 1
+            if self.healthy_steps > self.patience and self.level > 0.0:
+                self.level -= 1.0 / (self.recovery_steps * self.depth**2)
+                if self.level < 1e-9:
+                    self.level, self.depth = 0.0, 0.0
+        self.since_backoff += 1
+        return Decision(lr_scale=self.scale)
+
+
+class SkipStep(Remedy):
+    """Drops the update of a step flagged by any detection named in ``on``.
+
+    The engine then removes every gradient of the optimizer's parameters, so ``optimizer.step()``
+    leaves parameters and optimizer state (moments, step counts) untouched. In a plain loop
+    ``report.skipped`` tells the caller; with ``attach()`` and in Lightning the skip is enforced.
+    Needs the optimizer (to know which parameters it updates).
+
+    Host synchronisation: reads this step's detection flags with one small transfer per step
+    (shared with :class:`LRBackoff`).
+
+    Example:
+        >>> skip = SkipStep(on=("nonfinite", "spike"))
+
+    Args:
+        on: Detections that skip the step, among ``"nonfinite"``, ``"spike"``, ``"exploding"``.
+            ``"nonfinite"`` needs no detector (the engine checks gradients and loss itself).
+
+    Raises:
+        ValueError: An empty or unknown ``on`` name.
+    """
+
+    skips = True
+    needs_optimizer = True
+    skipped: int
+
+    def __init__(self, on: Sequence[str] = ("nonfinite",)) -> None:
+        super().__init__()
+        self.on = check_names("on", on, tuple(TRIGGERS))
+        self._kinds = [TRIGGERS[name] for name in self.on]
+        self.add_state("skipped", 0)
+
+    def decide(self, view: RemedyInput) -> Decision:
+        """Skips the step when one of the chosen detections fired."""
+        flags = view.host_flags()
+        skip = any(flags.get(kind, False) for kind in self._kinds)
+        self.skipped += skip
+        return Decision(skip=skip)
+
+
+def _unit_norms(tensor: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each output unit (dims 1.. reduced, kept), or of the whole vector/scalar."""
+    if tensor.dim() <= 1:
+        return torch.linalg.vector_norm(tensor, dtype=torch.float32)
+    dims = tuple(range(1, tensor.dim()))
+    return torch.linalg.vector_norm(tensor, dim=dims, keepdim=True, dtype=torch.float32)

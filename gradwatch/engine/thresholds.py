@@ -1,0 +1,135 @@
+"""Thresholds and cadences: the one place where gradwatch's default sensitivities are decided.
+
+Every detector, remedy, the advice and the audit take their defaults from here, each with the
+reason for its value. The "measured" figures come from the models of ``tests/zoo.py`` trained for
+150 steps with SGD or Adam on synthetic data (see ``tests/test_detectors.py``).
+"""
+
+from __future__ import annotations
+
+# ------------------------------------------------------------------------------------- detectors
+
+VANISHING_RATIO = 1e-2
+"""Vanishing: geometric-mean gradient RMS of the first quarter of the layers over that of the last
+quarter. Healthy models stay above ~3e-2 (an LSTM's recurrent layer against its head, the worst
+measured), ReLU+He+BatchNorm, residual and CNN models above ~0.15; a default-initialised 20-layer
+tanh MLP sits near 3e-4 and a sigmoid one near 1e-13. Below 1e-2 the first layers learn at least a
+hundred times slower than the last ones under SGD."""
+
+VANISHING_PATIENCE = 10
+"""Vanishing: consecutive valid steps the ratio must stay below the threshold, so that one odd
+batch never fires it; short enough to fire within the first few dozen steps."""
+
+EXPLODING_RATIO = 50.0
+"""Exploding: per-layer gradient norm over weight norm (both per element, RMS). Healthy models reach
+~7 in their first steps (and less later); a tanh Elman RNN with recurrent spectral radius 3 over 30
+steps gives ~180 at step 0. At 50 a single SGD step with learning rate 0.02 would replace the
+weights entirely."""
+
+EXPLODING_WEIGHT_FLOOR = 0.1
+"""Exploding: the weight RMS a layer is compared with is at least this fraction of the median weight
+RMS of the model, so that zero-initialised layers (residual branch outputs, biases) are not divided
+by zero or by the tiny weights of their first updates."""
+
+SPIKE_Z = 6.0
+"""Spike: z-score of the log-norm against its EMA mean and deviation. Six deviations is far outside
+batch-to-batch noise (whose log-norm deviation is typically 0.1-0.3)."""
+
+SPIKE_MIN_RATIO = 3.0
+"""Spike: the norm must also be at least this many times its EMA (geometric) mean, so that a very
+steady norm (tiny deviation) does not fire on a modest change."""
+
+SPIKE_BETA = 0.95
+"""Spike: EMA decay of the log-norm mean and variance (a memory of ~20 steps), as in ZClip."""
+
+SPIKE_WARMUP = 20
+"""Spike: valid steps of a norm seen before it can spike (plain running mean meanwhile): the first
+steps of training change norms fast and the statistics need samples."""
+
+SATURATION_MARGIN = 0.01
+"""Saturation: an output within this distance of a bound of its activation's range is in a flat
+region (sigmoid outside [0.01, 0.99], where its slope is below 4% of its peak; |tanh| > 0.99, below
+2%)."""
+
+SATURATION_FRACTION = 0.5
+"""Saturation: fraction of a module's outputs in the flat regions. At default initialisation
+sigmoid/tanh networks have almost none; above half, most of the layer passes no gradient."""
+
+SATURATION_PATIENCE = 20
+"""Saturation: consecutive steps the fraction must stay above the threshold (transients while the
+weights settle are ignored)."""
+
+DEAD_FRACTION = 0.5
+"""Dead units: fraction of a rectifier's units that produced no positive output for ``DEAD_WINDOW``
+steps. A few dead units are normal; half the layer means its capacity is gone."""
+
+DEAD_WINDOW = 50
+"""Dead units: steps without a positive output after which a unit counts as dead: over 50 batches
+a live unit fires."""
+
+STAGNATION_RATIO = 1e-6
+"""Stagnation: per-layer ``||Δw|| / ||w||`` of one update. Healthy training is ~1e-4 to 1e-2; below
+1e-6 a float32 update moves each weight by a few units in the last place: the layer is frozen."""
+
+STAGNATION_PATIENCE = 3
+"""Stagnation: consecutive update measurements (one per flush with ``track_updates=True``) below the
+threshold: one quiet update (e.g. a learning-rate warm-up at 0) is not stagnation."""
+
+AMP_PERSISTENT_STEPS = 64
+"""AMP: consecutive GradScaler overflow steps after which non-finite gradients count as a real
+NaN/Inf even while the scaler's scale is still >= 1 (a scale below 1 counts at once)."""
+
+# ---------------------------------------------------------------------------------------- alerts
+
+ALERT_COOLDOWN = 100
+"""Alerts: steps without a detection after which a condition counts as over; a detection of the
+same kind within that distance of the previous one belongs to the same episode (one alert)."""
+
+# -------------------------------------------------------------------------------------- remedies
+
+CLIP_EPS = 1e-6
+"""Clipping: ``torch.nn.utils.clip_grad_norm_`` divides by ``total_norm + 1e-6``; so do the norm
+clippers, so that ``ClipNorm`` equals it."""
+
+AUTOCLIP_MAX_HISTORY = 10_000
+"""AutoClip(window=None) keeps the whole history up to this many most recent steps (40 kB)."""
+
+# ---------------------------------------------------------------------------------------- advice
+
+INIT_BAND = (0.7, 1.45)
+"""Advice: weights are "He-scaled" (or "Xavier-scaled") when the median ratio of their std to that
+scheme's std lies in this band. PyTorch's default Linear/Conv init gives 1/sqrt(6) ~ 0.41 of He."""
+
+INIT_TOO_SMALL = 0.7
+"""Advice and audit: weights below this fraction of He scale shrink ReLU signals layer by layer."""
+
+INIT_TOO_LARGE = 1.5
+"""Advice and audit: a weight std this many times the He (Xavier) std makes activations grow layer
+by layer."""
+
+DEEP_LAYERS = 10
+"""Advice: a network with at least this many Linear/Conv layers in a chain counts as deep."""
+
+MAX_EIG_SIZE = 1024
+"""Profile: largest recurrent matrix whose eigenvalues are computed (cost grows with size ** 3)."""
+
+ORTHOGONAL_TOLERANCE = 0.1
+"""Profile: a recurrent matrix with ``||W W^T / c - I||_F / sqrt(H)`` below this is orthogonal up
+to the scale ``c``."""
+
+FORGET_BIAS_SET = 0.5
+"""Advice: LSTM forget-gate biases (``b_ih + b_hh``) averaging at least this count as "initialised
+to ~1"."""
+
+RADIUS_TOO_LARGE = 1.05
+"""Audit: spectral radius of a plain RNN's recurrent matrix above which gradients grow through
+time."""
+
+# ----------------------------------------------------------------------------------------- audit
+
+SINGLE_STEP_VANISHING_RATIO = 1e-3
+"""Audit: first-layer / last-layer gradient RMS (one step, no patience) below which the audit
+reports VANISHING at step 0. A 30-layer Tanh MLP with PyTorch's default initialisation sits near
+1e-8 and a 20-layer Sigmoid MLP near 1e-17, while a healthy ReLU + He + BatchNorm MLP stays within
+a factor of ~10 of 1: three orders of magnitude leave a wide margin on both sides. Stricter than
+:data:`VANISHING_RATIO` because one step has no patience window."""
