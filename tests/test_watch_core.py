@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import io
 import warnings
 
@@ -317,6 +319,9 @@ def test_distributed_data_parallel_wrapper_is_looked_through(tmp_path) -> None: 
         expected = reference_norms(model, watch.layer_names)
         for name, value in watch.last_norms().items():
             assert value == pytest.approx(expected[name], rel=1e-5)
+        watch.close()
+        del ddp, watch  # DDP's reducer must go before its process group (gloo joins a thread)
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
