@@ -134,6 +134,7 @@ def test_wandb_logger_gets_every_step_and_the_alert_text(
 ) -> None:
     pl = _package(package)
     pytest.importorskip("wandb")
+    monkeypatch.chdir(tmp_path)  # wandb may write debug files under the working directory
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     loggers = importlib.import_module(f"{package}.loggers")
@@ -142,9 +143,10 @@ def test_wandb_logger_gets_every_step_and_the_alert_text(
     logger = loggers.WandbLogger(project="gradwatch-test", save_dir=str(tmp_path), offline=True)
     callback = GradWatchCallback(detectors=[AlwaysFires()], log_every_n_steps=3)
     _fit(pl, tmp_path, callback, logger=logger)
+    path = wandb_reader.run_file(logger.experiment)
     logger.experiment.finish()
 
-    rows = wandb_reader.history(wandb_reader.run_file(tmp_path))
+    rows = wandb_reader.history(path)
     assert [r["gradwatch/step"] for r in rows if "gradwatch/grad_norm_total" in r] == list(range(6))
     texts = [r["gradwatch/alert_text"] for r in rows if "gradwatch/alert_text" in r]
     assert len(texts) == 1 and "test detection fired" in texts[0]

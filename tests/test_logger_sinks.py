@@ -50,6 +50,7 @@ def _totals(watch: gw.GradWatch) -> np.ndarray:
 @pytest.fixture
 def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     wandb = pytest.importorskip("wandb")
+    monkeypatch.chdir(tmp_path)  # wandb may write debug files under the working directory
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -63,9 +64,9 @@ def test_wandb_sink_keeps_every_step_while_the_run_logs_other_rows(
     # the training code logs its own row at every step, so W&B's step runs ahead of the batched
     # gradwatch steps (an adapter passing step= loses all but the newest step of each flush)
     watch = _plain_loop([gw.WandbSink(run)], on_step=lambda step, loss: run.log({"loss": 1.0}))
+    path = wandb_reader.run_file(run)
     run.finish()
 
-    path = wandb_reader.run_file(tmp_path)
     rows = wandb_reader.history(path)
     ours = [r for r in rows if "gradwatch/grad_norm_total" in r]
     assert [r["gradwatch/step"] for r in ours] == list(range(STEPS))
@@ -83,10 +84,10 @@ def test_wandb_sink_writes_the_alert_text_table_and_notifications(
 ) -> None:
     run = wandb_env.init(project="gradwatch-test", dir=tmp_path, mode="offline")
     watch = _plain_loop([gw.WandbSink(run)])
+    path = wandb_reader.run_file(run)
     run.finish()
 
     assert {a.kind for a in watch.alerts} >= {AlertKind.SPIKE}
-    path = wandb_reader.run_file(tmp_path)
     texts = {
         r["gradwatch/step"]: r["gradwatch/alert_text"]
         for r in wandb_reader.history(path)
@@ -117,11 +118,12 @@ def test_wandb_sink_builds_before_wandb_init_and_uses_the_run_of_the_first_write
     sink = gw.WandbSink(send_alerts=False)
     run = wandb_env.init(project="gradwatch-test", dir=tmp_path, mode="offline")
     _plain_loop([sink])
+    path = wandb_reader.run_file(run)
     run.finish()
     assert sink.run is run
-    rows = wandb_reader.history(wandb_reader.run_file(tmp_path))
+    rows = wandb_reader.history(path)
     assert sum("gradwatch/grad_norm_total" in r for r in rows) == STEPS
-    assert not wandb_reader.of_type(wandb_reader.run_file(tmp_path), "alert")
+    assert not wandb_reader.of_type(path, "alert")
 
 
 # ---------------------------------------------------------------------- MLflow

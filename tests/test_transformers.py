@@ -198,12 +198,14 @@ def test_reports_every_step_and_the_alerts_to_the_trainers_backends(
     }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # wandb may write debug files under the working directory
     callback = GradWatchCallback()
     steps = list(range(1, 21))
     _train(
         tmp_path / "out", callback, steps=20, spike_at=15, logging_steps=5,
         report_to=["tensorboard", "wandb", "mlflow"],
     )  # fmt: skip
+    path = wandb_reader.run_file(wandb.run)
     wandb.finish()
     alert_steps = {a.step for a in callback.alerts}
     assert 15 in alert_steps
@@ -215,7 +217,6 @@ def test_reports_every_step_and_the_alerts_to_the_trainers_backends(
     assert [e.step for e in events.Scalars("train/grad_norm")] == [5, 10, 15, 20]
     assert "gradwatch/alerts" in events.Tags()["tensors"]
 
-    path = wandb_reader.run_file(tmp_path)
     rows = wandb_reader.history(path)
     assert [r["gradwatch/step"] for r in rows if "gradwatch/grad_norm_total" in r] == steps
     assert {r["gradwatch/step"] for r in rows if "gradwatch/alert_text" in r} == alert_steps

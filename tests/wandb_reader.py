@@ -19,27 +19,28 @@ _BLOCK = 32 * 1024
 _HEADER = 7
 
 
-def run_file(directory: Path, timeout: float = 60.0) -> Path:
-    """The one offline run file under a ``wandb.init(dir=directory)`` directory, once complete.
+def run_file(run: Any) -> Path:
+    """The transaction log of a W&B run (ask before ``run.finish()``; read it after)."""
+    return Path(run.dir).parent / f"run-{run.id}.wandb"
 
-    ``run.finish()`` can return before the W&B service has written the file out: this waits
-    until its last record is the run's ``exit`` record.
-    """
-    (found,) = directory.glob("wandb/offline-run-*/run-*.wandb")
+
+def wait_complete(path: Path, timeout: float = 60.0) -> None:
+    """Waits until the file ends with the run's ``exit`` record: ``run.finish()`` can return
+    before the W&B service has written the file out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        kinds = [record.WhichOneof("record_type") for record in records(found)]
+        kinds = [record.WhichOneof("record_type") for record in records(path)]
         if kinds and kinds[-1] == "exit":
-            break
+            return
         time.sleep(0.05)
-    return found
+    raise TimeoutError(f"{path} has no exit record after {timeout} s")
 
 
 def records(path: Path) -> Iterator[Any]:
     """Every record of the run file, in order."""
     from wandb.proto import wandb_internal_pb2
 
-    data = path.read_bytes()
+    data = path.read_bytes() if path.exists() else b""
     if len(data) < _HEADER:  # not written yet
         return
     if data[:4] != b":W&B" or struct.unpack("<H", data[4:6])[0] != 0xBEE1:
@@ -68,6 +69,7 @@ def records(path: Path) -> Iterator[Any]:
 
 def history(path: Path) -> list[dict[str, Any]]:
     """One ``{key: value}`` per history row (one per committed ``run.log``)."""
+    wait_complete(path)
     rows = []
     for record in records(path):
         if record.WhichOneof("record_type") == "history":
@@ -90,4 +92,5 @@ def logged_table(path: Path, reference: dict[str, Any]) -> dict[str, Any]:
 
 def of_type(path: Path, kind: str) -> list[Any]:
     """The payloads of every record of one type (``"metric"``, ``"alert"``...)."""
+    wait_complete(path)
     return [getattr(r, kind) for r in records(path) if r.WhichOneof("record_type") == kind]
