@@ -26,6 +26,7 @@ _EXPORTS = {
     "GradientError": "gradwatch.engine.alerts",
     "LRBackoff": "gradwatch.engine.remedies",
     "LoggerMetricsSink": "gradwatch.sinks.metrics",
+    "MlflowSink": "gradwatch.sinks.mlflow",
     "NonFiniteDetector": "gradwatch.engine.detectors",
     "Remedy": "gradwatch.engine.remedies",
     "SaturationDetector": "gradwatch.engine.detectors",
@@ -36,6 +37,7 @@ _EXPORTS = {
     "StepReport": "gradwatch.engine.observation",
     "TensorBoardSink": "gradwatch.sinks.tensorboard",
     "VanishingDetector": "gradwatch.engine.detectors",
+    "WandbSink": "gradwatch.sinks.wandb",
     "WatchConfig": "gradwatch.engine.config",
     "ZClip": "gradwatch.engine.remedies",
     "audit": "gradwatch.preflight",
@@ -55,6 +57,7 @@ __all__ = [
     "GradientError",
     "LRBackoff",
     "LoggerMetricsSink",
+    "MlflowSink",
     "NonFiniteDetector",
     "Remedy",
     "SaturationDetector",
@@ -65,6 +68,7 @@ __all__ = [
     "StepReport",
     "TensorBoardSink",
     "VanishingDetector",
+    "WandbSink",
     "WatchConfig",
     "ZClip",
     "__version__",
@@ -111,5 +115,7 @@ if TYPE_CHECKING:
     from gradwatch.preflight import AuditReport, audit
     from gradwatch.sinks.base import Sink
     from gradwatch.sinks.metrics import LoggerMetricsSink
+    from gradwatch.sinks.mlflow import MlflowSink
     from gradwatch.sinks.tensorboard import TensorBoardSink
+    from gradwatch.sinks.wandb import WandbSink
     from gradwatch.watch import GradWatch

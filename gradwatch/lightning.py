@@ -65,7 +65,10 @@ if TYPE_CHECKING:
 else:
     _CallbackBase = _callback_base()
 
-_TENSORBOARD_LOGGERS = tuple(module.TensorBoardLogger for module in _import_installed(".loggers"))
+_LOGGER_MODULES = _import_installed(".loggers")
+_TENSORBOARD_LOGGERS = tuple(module.TensorBoardLogger for module in _LOGGER_MODULES)
+_WANDB_LOGGERS = tuple(module.WandbLogger for module in _LOGGER_MODULES)
+_MLFLOW_LOGGERS = tuple(module.MLFlowLogger for module in _LOGGER_MODULES)
 _STATE_VERSION = 1
 
 
@@ -83,11 +86,14 @@ class GradWatchCallback(_CallbackBase):
       multiples of their cadence, so some may not occur). Extra watches get deep copies of the
       ``detectors`` and ``remedies`` given (the first watch uses them as is).
     - Logging, on rank 0: with one optimizer and a ``TensorBoardLogger``, everything goes to the
-      logger's own ``SummaryWriter`` (same run directory); every other logger receives the scalars
-      through ``log_metrics`` (:class:`~gradwatch.sinks.metrics.LoggerMetricsSink`). With several
-      optimizers, every logger receives the scalars of optimizer ``i`` under
-      ``gradwatch/optimizer_<i>/...`` through ``log_metrics``. Without a logger nothing is written
-      and alerts still work.
+      logger's own ``SummaryWriter`` (same run directory). A ``WandbLogger`` or ``MLFlowLogger``
+      gets every step and the alert text in its own run
+      (:class:`~gradwatch.sinks.wandb.WandbSink`, :class:`~gradwatch.sinks.mlflow.MlflowSink`);
+      every other logger receives the scalars through ``log_metrics`` and the alert text in
+      ``<log_dir>/gradwatch_alerts.md`` when it has a ``log_dir``
+      (:class:`~gradwatch.sinks.metrics.LoggerMetricsSink`). With several optimizers, the
+      scalars of optimizer ``i`` are under ``gradwatch/optimizer_<i>/...`` in every logger.
+      Without a logger nothing is written and alerts still work.
     - AMP: with ``precision="16-mixed"`` the trainer's ``GradScaler`` is used so overflow steps are
       recognised; a fused optimizer (one that unscales inside ``step``) is unscaled by the callback
       with ``scaler.unscale_`` before watching, as Lightning does for every other optimizer; bf16
@@ -331,8 +337,8 @@ class GradWatchCallback(_CallbackBase):
         for logger in trainer.loggers:
             if not several and writer is None and isinstance(logger, _TENSORBOARD_LOGGERS):
                 writer = logger.experiment if trainer.is_global_zero else None
-            else:
-                sinks.append(LoggerMetricsSink(logger, prefix=prefix))
+            elif trainer.is_global_zero:
+                sinks.append(logger_sink(logger, prefix))
         return writer, sinks
 
     def _load_into_watches(self, state: dict[str, Any]) -> None:
@@ -354,6 +360,20 @@ class GradWatchCallback(_CallbackBase):
             except Exception as error:
                 self._warn_once("close", f"gradwatch close failed: {error!r}")
         self._by_optimizer = {}
+
+
+def logger_sink(logger: Any, prefix: str) -> Sink:
+    """The sink for a Lightning logger: W&B and MLflow get their own (every step, alert text),
+    every other logger :class:`~gradwatch.sinks.metrics.LoggerMetricsSink`."""
+    if isinstance(logger, _WANDB_LOGGERS):
+        from gradwatch.sinks.wandb import WandbSink
+
+        return WandbSink(logger.experiment, prefix=prefix)
+    if isinstance(logger, _MLFLOW_LOGGERS):
+        from gradwatch.sinks.mlflow import MlflowSink
+
+        return MlflowSink(run_id=logger.run_id, client=logger.experiment, prefix=prefix)
+    return LoggerMetricsSink(logger, prefix=prefix)
 
 
 class _WriteOnly(Sink):

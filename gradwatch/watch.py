@@ -29,6 +29,7 @@ from gradwatch.engine.detectors import Detector
 from gradwatch.engine.engine import Engine
 from gradwatch.engine.hooks import InertHook
 from gradwatch.engine.observation import StepReport
+from gradwatch.engine.optimizer import check_step_hooks
 from gradwatch.engine.records import FlushRecord
 from gradwatch.engine.remedies import Remedy
 from gradwatch.engine.warn import WarnOnce
@@ -215,6 +216,7 @@ class GradWatch:
         optimizer = self.optimizer
         if optimizer is None:
             raise ValueError("attach() needs the optimizer: GradWatch(model, optimizer)")
+        check_step_hooks(optimizer, "attach()")
         if self._attach_handle is None:
             self._attach_handle = optimizer.register_step_pre_hook(_AttachHook(self))
         return self

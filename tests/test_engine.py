@@ -248,10 +248,12 @@ def test_no_attribute_is_created_outside_init() -> None:
     """Every ``self.x = ...`` outside ``__init__`` assigns an attribute that ``__init__`` (its own
     or a base class's, ``add_state`` included) or a class annotation already declared."""
     classes: dict[str, tuple[Path, ast.ClassDef]] = {}
+    checked: list[tuple[Path, ast.ClassDef]] = []  # every class, even two of one name
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ClassDef):
                 classes[node.name] = (path, node)
+                checked.append((path, node))
 
     def declared(cls: ast.ClassDef) -> set[str]:
         names = {
@@ -267,7 +269,7 @@ def test_no_attribute_is_created_outside_init() -> None:
                 names |= declared(classes[base.id][1])
         return names
 
-    for path, cls in classes.values():
+    for path, cls in checked:
         known = declared(cls)
         for method in cls.body:
             if isinstance(method, ast.FunctionDef) and method.name != "__init__":

@@ -20,15 +20,39 @@ from gradwatch.engine.hooks import InertHook
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
-    """The ``torch.optim.Optimizer`` inside wrappers (Accelerate's ``AcceleratedOptimizer``,
-    Lightning's ``LightningOptimizer``), which forward ``step`` to it but hold no hooks."""
+    """The optimizer that really steps, inside wrappers that forward ``step`` to it.
+
+    Looks through ``_optimizer`` (Lightning's ``LightningOptimizer``, Fabric's optimizer) and,
+    when the outer object owns no step hooks (``torch.optim.Optimizer.__init__`` never ran on it),
+    through ``optimizer`` (Accelerate's ``AcceleratedOptimizer``) and ``optim``
+    (``PostLocalSGDOptimizer``). A real optimizer that holds another one
+    (``ZeroRedundancyOptimizer``, lookahead-style optimizers) owns its hooks and is kept.
+    """
     for _ in range(8):  # wrappers of wrappers, never a cycle
-        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-        if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer:
-            optimizer = inner
-            continue
-        break
+        attributes = getattr(optimizer, "__dict__", {})
+        inner = attributes.get("_optimizer")
+        if not isinstance(inner, torch.optim.Optimizer) and not owns_step_hooks(optimizer):
+            inner = attributes.get("optimizer", attributes.get("optim"))
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
     return optimizer
+
+
+def owns_step_hooks(optimizer: Any) -> bool:
+    """Whether ``optimizer`` can take step hooks (``torch.optim.Optimizer.__init__`` ran on it)."""
+    return "_optimizer_step_pre_hooks" in getattr(optimizer, "__dict__", {})
+
+
+def check_step_hooks(optimizer: Any, needed_by: str) -> None:
+    """Raises a TypeError naming ``needed_by`` when ``optimizer`` cannot take step hooks."""
+    if not owns_step_hooks(optimizer):
+        raise TypeError(
+            f"{needed_by} needs optimizer step hooks, and {type(optimizer).__name__} has none "
+            "(torch.optim.Optimizer.__init__ never ran on it, nor on an optimizer inside it): "
+            "pass the torch optimizer that performs the update (DeepSpeed's ZeRO optimizers are "
+            "not supported)"
+        )
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
@@ -72,6 +96,7 @@ class LRScaling:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        check_step_hooks(optimizer, "LRBackoff (a learning-rate remedy)")
         self._optimizer = weakref.ref(optimizer)
         self._sources: weakref.WeakSet[ScaleSource] = weakref.WeakSet()
         self._saved: list[tuple[dict[str, Any], Any]] | None = None
