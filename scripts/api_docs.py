@@ -61,9 +61,19 @@ SECTIONS: list[tuple[str, list[str]]] = [
             "gradwatch.engine.Decision",
         ],
     ),
-    ("Sinks", ["gradwatch.Sink", "gradwatch.TensorBoardSink", "gradwatch.LoggerMetricsSink"]),
+    (
+        "Sinks",
+        [
+            "gradwatch.Sink",
+            "gradwatch.TensorBoardSink",
+            "gradwatch.LoggerMetricsSink",
+            "gradwatch.WandbSink",
+            "gradwatch.MlflowSink",
+        ],
+    ),
     ("Before training", ["gradwatch.audit", "gradwatch.AuditReport"]),
     ("PyTorch Lightning", ["gradwatch.lightning.GradWatchCallback"]),
+    ("Hugging Face Trainer", ["gradwatch.integrations.transformers.GradWatchCallback"]),
     ("Reading runs back", ["gradwatch.report.load_reports", "gradwatch.report.RunReport"]),
     ("Command line", ["gradwatch.cli.main"]),
 ]
@@ -72,6 +82,12 @@ _SECTION_HEADER = re.compile(
     r"^(Args|Arguments|Returns|Yields|Raises|Attributes|Example|Examples|Note|Notes):\s*$"
 )
 _ROLE = re.compile(r":(?:class|meth|func|attr|data|mod|exc):`~?([^`]+)`")
+
+
+def anchor(dotted: str) -> str:
+    """The HTML anchor of a documented name: ``gradwatch.GradWatch`` -> ``gradwatch``,
+    ``gradwatch.lightning.GradWatchCallback`` -> ``lightning-gradwatchcallback``."""
+    return dotted.removeprefix("gradwatch.").replace(".", "-").lower()
 
 
 def resolve(dotted: str) -> Any:
@@ -91,7 +107,7 @@ def inline(text: str) -> str:
     return text.replace("``", "`")
 
 
-def render_docstring(doc: str | None, level: int) -> list[str]:
+def render_docstring(doc: str | None) -> list[str]:
     """Markdown of a Google-style docstring: paragraphs, then one block per section."""
     if not doc:
         return []
@@ -221,7 +237,7 @@ def _default(value: Any) -> str:
     return text
 
 
-def members(cls: type, documented: set[type]) -> list[tuple[str, Any]]:
+def members(cls: type, documented: dict[type, str]) -> list[tuple[str, Any]]:
     """Public methods and properties with a docstring of their own, defined by ``cls`` or by a
     gradwatch base class that no documented base of ``cls`` already shows."""
     documented_bases = [b for b in cls.__mro__[1:] if b in documented]
@@ -246,26 +262,24 @@ def members(cls: type, documented: set[type]) -> list[tuple[str, Any]]:
     return sorted(found.items())
 
 
-def render_object(dotted: str, documented: set[type]) -> list[str]:
+def render_object(dotted: str, documented: dict[type, str]) -> list[str]:
+    """The section of one class or function: signature, docstring, members."""
     obj = resolve(dotted)
     public = dotted.replace("gradwatch.", "gw.", 1) if dotted.count(".") == 1 else dotted
     name = public.rsplit(".", 1)[-1]
-    anchor = name.lower()
-    out = [f'### <a id="{anchor}"></a>`{public}`', ""]
+    out = [f'### <a id="{anchor(dotted)}"></a>`{public}`', ""]
     if inspect.isclass(obj) and issubclass(obj, enum.Enum):
         out += ["```python", f"class {name}({', '.join(b.__name__ for b in obj.__bases__)})", "```"]
     else:
         out += ["```python", signature(obj, public), "```"]
     bases = [
-        base.__name__
-        for base in (obj.__mro__[1:-1] if inspect.isclass(obj) else [])
-        if base in documented
+        base for base in (obj.__mro__[1:] if inspect.isclass(obj) else []) if base in documented
     ]
     if bases:
-        out += ["", f"Subclass of {', '.join(f'[`{b}`](#{b.lower()})' for b in bases[:1])}."]
+        out += ["", f"Subclass of [`{bases[0].__name__}`](#{documented[bases[0]]})."]
     out += [
         "",
-        *render_docstring(inspect.getdoc(obj) if not inspect.isclass(obj) else obj.__doc__, 3),
+        *render_docstring(obj.__doc__),
     ]
     if inspect.isclass(obj) and issubclass(obj, enum.Enum):
         out += ["", "| member | value |", "|---|---|"]
@@ -279,7 +293,7 @@ def render_object(dotted: str, documented: set[type]) -> list[str]:
 def render_member(owner: str, name: str, value: Any) -> list[str]:
     if isinstance(value, property):
         doc = value.fget.__doc__ if value.fget is not None else None
-        return [f"#### `{owner}.{name}` (property)", "", *render_docstring(doc, 4)]
+        return [f"#### `{owner}.{name}` (property)", "", *render_docstring(doc)]
     function = value.__func__ if isinstance(value, staticmethod | classmethod) else value
     text = signature(function, f"{owner}.{name}")
     head = (
@@ -287,13 +301,16 @@ def render_member(owner: str, name: str, value: Any) -> list[str]:
         if "\n" not in text
         else [f"#### `{owner}.{name}`", "", "```python", text, "```"]
     )
-    return [*head, "", *render_docstring(function.__doc__, 4)]
+    return [*head, "", *render_docstring(function.__doc__)]
 
 
 def generate() -> str:
     """The whole page."""
     documented = {
-        obj for _, names in SECTIONS for obj in map(resolve, names) if inspect.isclass(obj)
+        resolve(name): anchor(name)
+        for _, names in SECTIONS
+        for name in names
+        if inspect.isclass(resolve(name))
     }
     import gradwatch
 
@@ -308,9 +325,7 @@ def generate() -> str:
         "",
     ]
     for title, names in SECTIONS:
-        links = ", ".join(
-            f"[`{n.rsplit('.', 1)[-1]}`](#{n.rsplit('.', 1)[-1].lower()})" for n in names
-        )
+        links = ", ".join(f"[`{n.rsplit('.', 1)[-1]}`](#{anchor(n)})" for n in names)
         lines.append(f"- {title}: {links}")
     for title, names in SECTIONS:
         lines += ["", f"## {title}"]

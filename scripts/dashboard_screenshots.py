@@ -26,13 +26,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-TABS = {
-    "timeseries": "?forceSVG=true#timeseries",  # SVG lines: headless Chromium has no WebGL
-    "custom_scalars": "#custom_scalars",
-    "images": "#images",
-    "text": "#text",
+TABS = {  # tab: (URL suffix, window height)
+    "timeseries": ("?forceSVG=true#timeseries", 1000),  # SVG lines: headless Chromium has no WebGL
+    "custom_scalars": ("#custom_scalars", 700),
+    "images": ("#images", 1350),  # the four runs' images
+    "text": ("#text", 1000),
 }
-WINDOW = (1400, 1000)
+WIDTH = 1400
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 STARTUP_TIMEOUT_S = 120.0
 
@@ -99,7 +99,7 @@ def tensorboard(logdir: Path, runs: int) -> Iterator[str]:
             process.stderr.close()
 
 
-def screenshot(chromium: str, url: str, path: Path, window: tuple[int, int] = WINDOW) -> None:
+def screenshot(chromium: str, url: str, path: Path, window: tuple[int, int]) -> None:
     """Saves a PNG of ``url`` as headless Chromium draws it after the page settled."""
     with tempfile.TemporaryDirectory(prefix="gradwatch-chromium-") as profile:
         subprocess.run(
@@ -133,9 +133,9 @@ def take_screenshots(chromium: str, logdir: Path, out: Path, runs: int) -> list[
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     with tensorboard(logdir, runs) as base:
-        for tab, suffix in TABS.items():
+        for tab, (suffix, height) in TABS.items():
             path = out / f"dashboard_{tab}.png"
-            screenshot(chromium, f"{base}/{suffix}", path)
+            screenshot(chromium, f"{base}/{suffix}", path, (WIDTH, height))
             paths.append(path)
     shutil.copyfile(out / "dashboard_custom_scalars.png", out / "dashboard.png")
     return [out / "dashboard.png", *paths]

@@ -266,3 +266,12 @@ def test_the_notebook_view_escapes_layer_names_and_works_before_any_step() -> No
     page = watch._repr_html_()
     assert "no gradients recorded yet" in page and "no alerts" in page
     watch.close()
+
+
+def test_the_transformers_callback_takes_the_same_controls() -> None:
+    pytest.importorskip("transformers")
+    from gradwatch.integrations.transformers import GradWatchCallback as TrainerCallback
+
+    callback = TrainerCallback(include=re.compile("attn"), probe_every_n_steps=2)
+    assert callback.config.include == (re.compile("attn"),)
+    assert callback.config.probe_every_n_steps == 2

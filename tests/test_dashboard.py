@@ -180,7 +180,9 @@ def test_custom_scalars_open_on_the_overview(demo_logdir: Path) -> None:
     assert (overview.title, overview.closed) == ("gradwatch: overview", False)
     assert per_layer.closed
     titles = [chart.title for chart in overview.chart]
-    assert titles[0].startswith("log10 gradient norm") and titles[1].startswith("alerts so far")
+    assert titles[0].startswith("log10 gradient norm by depth")
+    assert titles[1].startswith("log10 total gradient norm")
+    assert titles[2].startswith("alerts so far")
     tags = acc.Tags()[ea.SCALARS]
     for chart in overview.chart:
         assert any(re.search(p, tag) for p in chart.multiline.tag for tag in tags), chart.title
@@ -230,6 +232,9 @@ def test_screenshots_of_every_tab_in_headless_chromium(demo_logdir: Path, tmp_pa
     ]
     shots = {path.stem: png_pixels(path.read_bytes()) for path in paths}
     for name, pixels in shots.items():
-        assert pixels.shape[:2] == (script.WINDOW[1], script.WINDOW[0]), name
+        height = script.TABS[
+            name.removeprefix("dashboard_") if name != "dashboard" else "custom_scalars"
+        ][1]
+        assert pixels.shape[:2] == (height, script.WIDTH), name
         assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, name  # a page, not a blank
     assert nan_column(shots["dashboard_images"])  # the NaN step of the nan run, in the browser

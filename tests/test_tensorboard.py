@@ -186,9 +186,12 @@ def test_custom_scalars_layout_is_written_once_overview_first(tmp_path: Path) ->
     assert shown("gradient norm per layer") == {
         GRAD_TAG + n for n in ("body.0", "body.2", "<root>")
     }
-    assert shown("log10 gradient norm") == {
-        f"gradwatch/depth/{band}_log10"
-        for band in ("input_third", "middle_third", "output_third", "all_layers", "all_layers_peak")
+    assert shown("log10 gradient norm by depth") == {
+        f"gradwatch/depth/{band}_log10" for band in ("input_third", "middle_third", "output_third")
+    }
+    assert shown("log10 total gradient norm") == {
+        "gradwatch/depth/all_layers_log10",
+        "gradwatch/depth/all_layers_peak_log10",
     }
     assert shown("total gradient norm") == {"gradwatch/grad_norm_total"}
 

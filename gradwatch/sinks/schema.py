@@ -140,10 +140,15 @@ def custom_scalars_layout(*, remedies: bool = False) -> list[Category]:
     Args:
         remedies: Include the chart of the remedies' clip coefficient and LR scale.
     """
+    bands = "|".join(band for band in DEPTH_BANDS)
     overview = [
         Chart(
-            "log10 gradient norm: input, middle, output third of the layers; all; peak",
-            (f"^{PREFIX}/{DEPTH_FAMILY}/",),
+            "log10 gradient norm by depth: input, middle and output third of the layers",
+            (f"^{PREFIX}/{DEPTH_FAMILY}/({bands})_log10$",),
+        ),
+        Chart(
+            "log10 total gradient norm and its peak so far",
+            (f"^{PREFIX}/{DEPTH_FAMILY}/({ALL_LAYERS}|{PEAK})_log10$",),
         ),
         Chart("alerts so far, by kind", (f"^{ALERTS_TAG}/",)),
     ]
@@ -317,7 +322,10 @@ def format_alert_log(alerts: list[Alert]) -> str:
     if len(ordered) > MAX_LOGGED_ALERTS:
         tail = MAX_LOGGED_ALERTS - head
         shown = [*shown[:head], None, *shown[-tail:]]
-    steps = f"steps {ordered[0].step}-{ordered[-1].step}" if ordered else "none yet"
+    steps = "none yet"
+    if ordered:
+        first, last = ordered[0].step, ordered[-1].step
+        steps = f"step {first}" if first == last else f"steps {first}-{last}"
     lines = [f"**{len(ordered)} alert(s), oldest first** ({steps}; advice: `gradwatch/alerts`)", ""]
     for item in shown:
         if item is None:
