@@ -1,9 +1,10 @@
 """Screenshots of the TensorBoard dashboard of ``gradwatch demo``, taken in headless Chromium.
 
 Trains the demo scenarios (or reads ``--logdir``), serves them with TensorBoard on localhost and
-saves one screenshot per tab (TIME SERIES, CUSTOM SCALARS, IMAGES, TEXT) under ``--out``, plus
-``dashboard.png`` (the CUSTOM SCALARS overview). The README shows them; ``tests/test_dashboard.py``
-takes the same screenshots when Chromium is installed and asserts the tags and layout they show.
+saves one screenshot per tab under ``--out``: ``dashboard.png`` (CUSTOM SCALARS, the overview),
+``dashboard_timeseries.png``, ``dashboard_images.png`` and ``dashboard_text.png``. The README
+shows them; ``tests/test_dashboard.py`` takes the same screenshots when Chromium is installed and
+asserts the tags and layout they show.
 
 Run: ``python scripts/dashboard_screenshots.py --out docs``
 (Chromium: ``apt-get install chromium``; no network access is needed.)
@@ -26,9 +27,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-TABS = {  # tab: (URL suffix, window height)
+TABS = {  # tab: (URL suffix, window height); the CUSTOM SCALARS overview is dashboard.png
     "timeseries": ("?forceSVG=true#timeseries", 1000),  # SVG lines: headless Chromium has no WebGL
-    "custom_scalars": ("#custom_scalars", 700),
+    "custom_scalars": ("#custom_scalars", 780),
     "images": ("#images", 1350),  # the four runs' images
     "text": ("#text", 1000),
 }
@@ -127,27 +128,33 @@ def screenshot(chromium: str, url: str, path: Path, window: tuple[int, int]) -> 
         raise RuntimeError(f"chromium wrote no screenshot of {url}")
 
 
+def file_name(tab: str) -> str:
+    """``dashboard.png`` for the CUSTOM SCALARS tab, ``dashboard_<tab>.png`` for the others."""
+    return "dashboard.png" if tab == "custom_scalars" else f"dashboard_{tab}.png"
+
+
 def take_screenshots(chromium: str, logdir: Path, out: Path, runs: int) -> list[Path]:
-    """One screenshot per tab of TensorBoard serving ``logdir``, saved as
-    ``out/dashboard_<tab>.png``, and ``out/dashboard.png`` (the CUSTOM SCALARS tab)."""
+    """One screenshot per tab of TensorBoard serving ``logdir``, saved under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     with tensorboard(logdir, runs) as base:
         for tab, (suffix, height) in TABS.items():
-            path = out / f"dashboard_{tab}.png"
+            path = out / file_name(tab)
             screenshot(chromium, f"{base}/{suffix}", path, (WIDTH, height))
             paths.append(path)
-    shutil.copyfile(out / "dashboard_custom_scalars.png", out / "dashboard.png")
-    return [out / "dashboard.png", *paths]
+    return paths
 
 
 def train_demo(logdir: Path, steps: int) -> int:
     """Trains every demo scenario into ``logdir``; returns the number of runs."""
+    import logging
+
     import torch
 
     from gradwatch.demo import SCENARIOS, run_scenario
 
     torch.set_num_threads(1)
+    logging.getLogger("gradwatch").setLevel(logging.CRITICAL)  # the alerts are in the pictures
     for name in SCENARIOS:
         run_scenario(name, logdir, steps=steps, out=open(os.devnull, "w"))  # noqa: SIM115
     return len(SCENARIOS)
@@ -176,4 +183,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's gradwatch
     raise SystemExit(main())

@@ -237,4 +237,4 @@ def test_screenshots_of_every_tab_in_headless_chromium(demo_logdir: Path, tmp_pa
         ][1]
         assert pixels.shape[:2] == (height, script.WIDTH), name
         assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, name  # a page, not a blank
-    assert nan_column(shots["dashboard_images"])  # the NaN step of the nan run, in the browser
+    assert nan_column(shots["images"])  # the NaN step of the nan run, drawn by the browser
