@@ -6,10 +6,12 @@
 3. Training the Tanh network anyway under a ``GradWatch`` gives the same diagnosis from the
    runtime detectors: ``watch.summary()`` lists the worst layers, the alerts and the advice.
 
-Run: ``python examples/audit.py``
+Run: ``python examples/audit.py [--steps 60]``
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 from torch import nn
@@ -41,6 +43,9 @@ def fixed_mlp() -> nn.Sequential:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="training steps after the audit")
+    args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.randn(256, D_IN)
     y = torch.sin(x @ torch.randn(D_IN, 1))
@@ -53,7 +58,7 @@ def main() -> None:
     print()
 
     with gw.GradWatch(model, optimizer, log_every_n_steps=20) as watch:
-        for _ in range(60):
+        for _ in range(args.steps):
             loss = nn.functional.mse_loss(model(x), y)
             loss.backward()
             watch.step(loss=loss)

@@ -23,12 +23,11 @@ from typing import TextIO
 import torch
 from torch import nn
 
+from gradwatch.cli import DEFAULT_STEPS, SCENARIOS
 from gradwatch.engine.alerts import Alert
 from gradwatch.engine.remedies import Remedy, SkipStep
 from gradwatch.watch import GradWatch
 
-SCENARIOS = ("vanishing", "healthy", "exploding", "nan")
-DEFAULT_STEPS = 300
 _DEPTH = 16
 _WIDTH = 32
 _FEATURES = 16

@@ -27,6 +27,7 @@ from gradwatch.engine.alerts import Alert, GradientError
 from gradwatch.engine.checks import check_int
 from gradwatch.engine.config import WatchConfig
 from gradwatch.engine.detectors import Detector
+from gradwatch.engine.layers import NamePatterns
 from gradwatch.engine.optimizer import drop_gradients, optimizer_params, unwrap_optimizer
 from gradwatch.engine.records import FlushRecord
 from gradwatch.engine.remedies import Remedy
@@ -125,6 +126,10 @@ class GradWatchCallback(_CallbackBase):
         on_alert: Called with each new alert, on the host (on every rank).
         nonfinite: ``"warn"`` (alert) or ``"raise"`` (stop training, see above).
         window: Steps of history kept.
+        include: Watch only the layers whose name matches (glob strings, compiled regexes).
+        exclude: Leave out the layers whose name matches.
+        probe_every_n_steps: Measure the gradients at every N-th step only (not with remedies or
+            ``nonfinite="raise"``).
         sinks: Extra sinks, written on rank 0 (with several optimizers they receive every watch's
             records and are closed once).
     """
@@ -141,6 +146,9 @@ class GradWatchCallback(_CallbackBase):
         on_alert: Callable[[Alert], None] | None = None,
         nonfinite: str = "warn",
         window: int = 1000,
+        include: NamePatterns = None,
+        exclude: NamePatterns = None,
+        probe_every_n_steps: int = 1,
         sinks: Sequence[Sink] = (),
     ) -> None:
         if log_every_n_steps is not None:
@@ -155,6 +163,9 @@ class GradWatchCallback(_CallbackBase):
             on_alert=on_alert,
             nonfinite=nonfinite,
             window=window,
+            include=include,
+            exclude=exclude,
+            probe_every_n_steps=probe_every_n_steps,
         )
         if not isinstance(sinks, Sequence) or isinstance(sinks, str):
             raise TypeError(f"sinks must be a sequence of gradwatch sinks, got {sinks!r}")

@@ -28,6 +28,7 @@ from gradwatch.engine.config import WatchConfig
 from gradwatch.engine.detectors import Detector
 from gradwatch.engine.engine import Engine
 from gradwatch.engine.hooks import InertHook
+from gradwatch.engine.layers import NamePatterns
 from gradwatch.engine.observation import StepReport
 from gradwatch.engine.optimizer import check_step_hooks
 from gradwatch.engine.records import FlushRecord
@@ -72,6 +73,12 @@ class GradWatch:
         nonfinite: ``"warn"`` (alert) or ``"raise"`` (:class:`GradientError` from :meth:`step`;
             reads one flag per step).
         window: Steps of history kept (at least ``log_every_n_steps``).
+        include: Watch only the layers whose name matches: a glob string (``"encoder.*"``), a
+            compiled ``re.Pattern`` (searched in the name), or a sequence of them.
+        exclude: Leave out the layers whose name matches (same patterns as ``include``).
+        probe_every_n_steps: Measure the gradients at every N-th step only (for the largest
+            models); the steps in between cost almost nothing. Not with remedies or
+            ``nonfinite="raise"``, which act on every step.
         sinks: Extra sinks (e.g. a framework logger adapter), written at every flush on rank 0.
         params: Watch only these parameters of ``model`` (e.g. one optimizer's); default every
             trainable parameter.
@@ -100,6 +107,9 @@ class GradWatch:
         on_alert: Callable[[Alert], None] | None = None,
         nonfinite: str = "warn",
         window: int = 1000,
+        include: NamePatterns = None,
+        exclude: NamePatterns = None,
+        probe_every_n_steps: int = 1,
         sinks: Sequence[Sink] = (),
         params: Iterable[nn.Parameter] | None = None,
         config: WatchConfig | None = None,
@@ -114,6 +124,9 @@ class GradWatch:
             "on_alert": on_alert,
             "nonfinite": nonfinite,
             "window": window,
+            "include": include,
+            "exclude": exclude,
+            "probe_every_n_steps": probe_every_n_steps,
         }
         if config is None:
             config = WatchConfig(**options)
@@ -259,6 +272,49 @@ class GradWatch:
                     )
             self._sinks.clear()
 
+    def __repr__(self) -> str:
+        """One line; reads only host values (no flush, no device sync)."""
+        from gradwatch.display import format_repr
+
+        config = self.config
+        options = {"log_every_n_steps": str(config.log_every_n_steps)}
+        if config.probe_every_n_steps != 1:
+            options["probe_every_n_steps"] = str(config.probe_every_n_steps)
+        for name, patterns in zip(("include", "exclude"), config.layer_patterns, strict=True):
+            if patterns is not None:
+                options[name] = repr(list(patterns))
+        for name, objects in (("remedies", self.remedies), ("sinks", self._sinks)):
+            if objects:
+                options[name] = "[" + ", ".join(type(obj).__name__ for obj in objects) + "]"
+        return format_repr(
+            model=type(self.model).__name__,
+            layers=self.engine.layout.num_layers,
+            steps=self.step_count,
+            alerts=self.alerts,
+            options=options,
+            closed=self._closed,
+        )
+
+    def _repr_html_(self) -> str:
+        """The notebook view (Jupyter): the gradient-flow image of the retained window and the
+        alerts with their advice. Flushes first, like :meth:`summary`."""
+        from gradwatch.display import format_html
+
+        self.flush()
+        engine = self.engine
+        history = engine.history
+        title = (
+            f"gradwatch: {type(self.model).__name__}, {engine.layout.num_layers} layers, "
+            f"{self.step_count} steps"
+        )
+        return format_html(
+            title=title,
+            steps=history.host_steps,
+            norms=history.host_norms,
+            layer_names=engine.layer_names,
+            alerts=self.alerts,
+        )
+
     def __enter__(self) -> GradWatch:
         return self
 
@@ -350,6 +406,9 @@ _DEFAULT_OPTIONS: dict[str, Any] = {
     "on_alert": None,
     "nonfinite": "warn",
     "window": 1000,
+    "include": None,
+    "exclude": None,
+    "probe_every_n_steps": 1,
 }
 
 

@@ -331,22 +331,25 @@ def _record(steps: list[int], alert_counts: dict[str, int]) -> FlushRecord:
     )
 
 
-def test_logger_metrics_sink_writes_every_step_and_changed_alert_counts() -> None:
+def test_logger_metrics_sink_writes_every_step_window_summaries_and_alert_counts() -> None:
     logger = _RecordingLogger()
     sink = gw.LoggerMetricsSink(logger, prefix="gradwatch/optimizer_1")
     sink.write(_record([4, 5], {"spike": 1}))
     sink.write(_record([6], {"spike": 1}))
 
     assert [step for step, _ in logger.calls] == [4, 5, 6]
-    assert logger.calls[0][1] == {
-        "gradwatch/optimizer_1/grad_norm_total": 3.0,
-        "gradwatch/optimizer_1/clip_coef": 0.5,
-    }
+    first = logger.calls[0][1]
+    assert first["gradwatch/optimizer_1/grad_norm_total"] == 3.0
+    assert first["gradwatch/optimizer_1/clip_coef"] == 0.5
+    assert first["gradwatch/optimizer_1/depth/output_third_log10"] == pytest.approx(0.0)  # log10 1
+    assert not any("grad_norm/" in tag for tag in first)  # per-layer values at the newest step
     newest = logger.calls[1][1]
     assert newest["gradwatch/optimizer_1/grad_norm/<root>"] == 2.0
+    assert newest["gradwatch/optimizer_1/grad_norm_max/head"] == 3.0  # rows [0, 1] and [2, 3]
+    assert newest["gradwatch/optimizer_1/grad_norm_min/head"] == 1.0
     assert newest["gradwatch/optimizer_1/weight_norm/head"] == 2.0
     assert newest["gradwatch/optimizer_1/alerts/spike"] == 1.0
-    assert "gradwatch/optimizer_1/alerts/spike" not in logger.calls[2][1]  # unchanged count
+    assert logger.calls[2][1]["gradwatch/optimizer_1/alerts/spike"] == 1.0  # carried on
     with pytest.raises(TypeError, match="log_metrics"):
         gw.LoggerMetricsSink(object())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -157,7 +158,7 @@ def test_event_files_hold_every_tag_with_the_history_values(
     assert images[-1].encoded_image_string.startswith(b"\x89PNG")
 
 
-def test_custom_scalars_layout_is_written_once_with_one_chart_per_family(tmp_path: Path) -> None:
+def test_custom_scalars_layout_is_written_once_overview_first(tmp_path: Path) -> None:
     model = RootScaled()
     watch = gw.GradWatch(model, logdir=tmp_path, log_every_n_steps=LOG_EVERY, detectors=())
     train(watch, model)
@@ -166,19 +167,33 @@ def test_custom_scalars_layout_is_written_once_with_one_chart_per_family(tmp_pat
     configs = acc.Tensors("custom_scalars__config__")
     assert len(configs) == 1
     layout = layout_pb2.Layout.FromString(configs[0].tensor_proto.string_val[0])
+    overview, per_layer = layout.category
+    assert not overview.closed and per_layer.closed  # the overview is what opens first
     charts = {chart.title: list(chart.multiline.tag) for c in layout.category for chart in c.chart}
-    assert set(charts) == {
+    assert {
         "gradient norm per layer",
         "weight norm per layer",
         "update/weight ratio per layer",
-        "total gradient norm, clip coefficient, LR scale",
-    }
-    import re
+        "total gradient norm (before remedies)",
+    } <= set(charts)
+    assert not any("clip" in title for title in charts)  # no remedy: no remedy chart
+    scalar_tags = acc.Tags()[ea.SCALARS]
 
-    grad_tags = [t for t in acc.Tags()[ea.SCALARS] if t.startswith(GRAD_TAG)]
-    assert len(grad_tags) == 3
-    assert all(re.search(charts["gradient norm per layer"][0], tag) for tag in grad_tags)
-    assert not re.search(charts["gradient norm per layer"][0], "gradwatch/grad_norm_total")
+    def shown(title_start: str) -> set[str]:
+        title = min(t for t in charts if t.startswith(title_start))  # the shortest such title
+        return {tag for tag in scalar_tags if any(re.search(p, tag) for p in charts[title])}
+
+    assert shown("gradient norm per layer") == {
+        GRAD_TAG + n for n in ("body.0", "body.2", "<root>")
+    }
+    assert shown("log10 gradient norm by depth") == {
+        f"gradwatch/depth/{band}_log10" for band in ("input_third", "middle_third", "output_third")
+    }
+    assert shown("log10 total gradient norm") == {
+        "gradwatch/depth/all_layers_log10",
+        "gradwatch/depth/all_layers_peak_log10",
+    }
+    assert shown("total gradient norm") == {"gradwatch/grad_norm_total"}
 
 
 def test_scalars_of_one_step_share_one_event(tmp_path: Path) -> None:
@@ -197,7 +212,8 @@ def test_scalars_of_one_step_share_one_event(tmp_path: Path) -> None:
     # one event per step, plus the custom-scalars layout and the gradient-flow images
     assert len(summaries) == STEPS + 1 + len(images)
     last = next(e for e in summaries if e.step == 9)
-    assert len(last.summary.value) == 1 + 2 * 3  # total norm, 3 gradient and 3 weight norms
+    # total norm, 5 depth bands; per layer (3): last, window max/min/median, weight norm
+    assert len(last.summary.value) == 1 + 5 + 3 * 5
 
 
 def test_clip_coef_lr_scale_and_update_ratio(tmp_path: Path) -> None:
@@ -233,7 +249,19 @@ def test_alerts_are_written_as_text_and_counts(tmp_path: Path) -> None:
     assert [a.step for a in watch.alerts] == [3]
     acc = accumulate(tmp_path / "run")
     counts = acc.Scalars("gradwatch/alerts/spike")
-    assert [(e.step, e.value) for e in counts] == [(4, 1.0)]  # written once: it never changes
+    # 0 just before the alert, 1 at its step, then 1 at every flush: a step, not a ramp
+    assert [(e.step, e.value) for e in counts] == [
+        (2, 0.0),
+        (3, 1.0),
+        (4, 1.0),
+        (9, 1.0),
+        (11, 1.0),
+    ]
+    (log_event,) = acc.Tensors("gradwatch/alert_log")
+    assert (
+        log_event.step == 4
+        and "1. step 3: **spike**" in log_event.tensor_proto.string_val[0].decode()
+    )
     (text_event,) = acc.Tensors("gradwatch/alerts")
     assert text_event.step == 3
     text = text_event.tensor_proto.string_val[0].decode()
@@ -281,7 +309,10 @@ def test_writer_like_objects_get_the_same_tags_through_add_calls() -> None:
     } <= scalar_tags
     totals = [args for args, _ in by_method["add_scalar"] if args[0] == "gradwatch/grad_norm_total"]
     assert [args[2] for args in totals] == list(range(STEPS))
-    assert [args[0] for args, _ in by_method["add_text"]] == ["gradwatch/alerts"]
+    assert [args[0] for args, _ in by_method["add_text"]] == [
+        "gradwatch/alerts",
+        "gradwatch/alert_log",
+    ]
     image_args, image_kwargs = by_method["add_image"][-1]
     assert image_args[0] == "gradwatch/gradient_flow" and image_kwargs == {"dataformats": "HWC"}
     assert (
@@ -362,6 +393,7 @@ def test_gradient_flow_stays_bounded_and_spans_the_run() -> None:
     grid = flow.grid()
     assert grid.shape[0] == 3 and grid.shape[1] <= 8
     assert flow.stride == 16 and flow.first_step == 0 and flow.last_step == 99
+    assert grid.shape[1] == 7  # 6 full columns of 16 steps and the last 4 steps
     np.testing.assert_allclose(grid, np.array([[0.0], [-1.0], [-2.0]]).repeat(grid.shape[1], 1))
 
 
@@ -383,3 +415,160 @@ def test_png_encoding_round_trips() -> None:
     pixels = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
     decoded = np.asarray(Image.open(io.BytesIO(encode_png(pixels))).convert("RGB"))
     np.testing.assert_array_equal(decoded, pixels)
+
+
+# ----------------------------------------------------------------------------- nothing lost
+
+
+def train_with_incidents(watch: gw.GradWatch, model: nn.Module, spike: int, nan: int) -> None:
+    """Trains ``STEPS`` steps; at step ``spike`` the first layer's gradient is 1e4 times larger,
+    at step ``nan`` one of its elements is NaN (neither is a log step)."""
+    torch.manual_seed(1)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    first = model.body[0].weight
+    for step in range(STEPS):
+        nn.functional.mse_loss(model(x), y).backward()
+        if step == spike:
+            first.grad.mul_(1e4)
+        if step == nan:
+            first.grad[0, 0] = float("nan")
+        watch.step()
+        model.zero_grad()
+
+
+def test_window_summaries_keep_what_happens_between_log_steps(tmp_path: Path) -> None:
+    model = RootScaled()
+    watch = gw.GradWatch(model, logdir=tmp_path, log_every_n_steps=LOG_EVERY, detectors=())
+    train_with_incidents(watch, model, spike=2, nan=7)
+    history = watch.history()
+    watch.close()
+    acc = accumulate(tmp_path)
+    spike = float(history["body.0"][2])
+    assert spike > 100 * float(history["body.0"][4])
+    top = acc.Scalars("gradwatch/grad_norm_max/body.0")
+    assert [e.step for e in top] == [4, 9, 11]
+    assert top[0].value == pytest.approx(spike, rel=1e-6)  # step 2 is not a log step
+    assert acc.Scalars("gradwatch/grad_norm/body.0")[0].value < spike / 100
+    low = acc.Scalars("gradwatch/grad_norm_min/body.0")[0].value
+    assert low == pytest.approx(float(np.min(history["body.0"][:5])), rel=1e-6)
+    median = acc.Scalars("gradwatch/grad_norm_median/body.0")[0].value
+    assert median == pytest.approx(float(np.median(history["body.0"][:5])), rel=1e-6)
+    nonfinite = acc.Scalars("gradwatch/grad_norm_nonfinite/body.0")
+    assert [(e.step, e.value) for e in nonfinite] == [(9, 1.0)]  # written only when it happens
+    assert "gradwatch/grad_norm_nonfinite/body.2" not in acc.Tags()[ea.SCALARS]
+
+
+def test_window_summaries_survive_a_round_trip_through_the_report(tmp_path: Path) -> None:
+    from gradwatch.report import load_reports, report_json
+
+    model = RootScaled()
+    watch = gw.GradWatch(model, logdir=tmp_path, log_every_n_steps=LOG_EVERY, detectors=())
+    train_with_incidents(watch, model, spike=2, nan=7)
+    history = watch.history()
+    watch.close()
+    (report,) = load_reports(tmp_path)
+    rows = {row.name: row for row in report.layers}
+    assert list(rows) == ["body.0", "body.2", "<root>"]
+    first = history["body.0"]
+    finite = first[np.isfinite(first)]
+    assert rows["body.0"].high == pytest.approx(float(finite.max()), rel=1e-6)
+    assert rows["body.0"].low == pytest.approx(float(finite.min()), rel=1e-6)
+    assert rows["body.0"].nonfinite == 1 and rows["body.2"].nonfinite == 0
+    assert report.total_peak_step == 2 and report.total_nonfinite == 1
+    text = build_report(tmp_path)
+    assert "NaN/Inf steps" in text and "peak" in text
+    layer = report_json([report])["runs"][0]["layers"][0]
+    assert layer["max"] == pytest.approx(float(finite.max()), rel=1e-6)
+    assert layer["nonfinite_steps"] == 1
+
+
+def test_depth_bands_are_log10_norms_of_each_third_at_every_step(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(7)])  # thirds: 3, 2, 2 layers
+    watch = gw.GradWatch(model, logdir=tmp_path, log_every_n_steps=4, detectors=())
+    x = torch.randn(8, 4)
+    for step in range(6):
+        model(x).pow(2).mean().backward()
+        if step == 3:
+            model[6].weight.grad[0, 0] = float("inf")
+        watch.step()
+        model.zero_grad()
+    history = watch.history()
+    watch.close()
+    norms = np.stack([history[name] for name in watch.layer_names], axis=1).astype(np.float64)
+    acc = accumulate(tmp_path)
+    for band, layers in [("input_third", slice(0, 3)), ("middle_third", slice(3, 5))]:
+        events = acc.Scalars(f"gradwatch/depth/{band}_log10")
+        assert [e.step for e in events] == list(range(6))
+        expected = np.log10(np.sqrt((norms[:, layers] ** 2).sum(1)))
+        np.testing.assert_allclose([e.value for e in events], expected, rtol=1e-5)
+    output = [e.value for e in acc.Scalars("gradwatch/depth/output_third_log10")]
+    assert np.isnan(output[3]) and np.isfinite(output).sum() == 5  # Inf is written as NaN
+    peak = [e.value for e in acc.Scalars("gradwatch/depth/all_layers_peak_log10")]
+    total = [e.value for e in acc.Scalars("gradwatch/depth/all_layers_log10")]
+    assert peak == pytest.approx(np.fmax.accumulate(np.where(np.isnan(total), -np.inf, total)))
+
+
+def test_alert_log_lists_every_alert_oldest_first() -> None:
+    from gradwatch.engine.alerts import Alert
+    from gradwatch.sinks.schema import MAX_LOGGED_ALERTS, format_alert_log
+
+    def alert(step: int) -> Alert:
+        return Alert(AlertKind.SPIKE, step, ("fc",), 9.0, 6.0, "warning", f"spike {step}")
+
+    log = format_alert_log([alert(30), alert(0), alert(12)])
+    lines = [line for line in log.splitlines() if line[:1].isdigit()]
+    assert [line.split(":")[0] for line in lines] == ["1. step 0", "2. step 12", "3. step 30"]
+    long = format_alert_log([alert(step) for step in range(MAX_LOGGED_ALERTS + 50)])
+    assert "1. step 0:" in long and f"{MAX_LOGGED_ALERTS + 50}. step" in long
+    assert "50 alerts left out" in long
+
+
+# ----------------------------------------------------------------------------- gradient flow
+
+
+def test_gradient_flow_keeps_nan_inf_and_spikes_visible_after_merging() -> None:
+    from gradwatch.sinks.flow import NONFINITE_COLOUR, ZERO_COLOUR, colour_cells
+
+    flow = GradientFlow(max_columns=8)
+    norms = np.full((300, 3), 1e-2)
+    norms[37, 1] = np.nan
+    norms[70, 0] = np.inf
+    norms[200, 1] = 1e5  # a spike among 32 steps of one merged column
+    norms[:, 2] = 0.0
+    flow.add(np.arange(300), norms)
+    grid = flow.grid()
+    assert grid.shape[1] <= 8 and flow.stride == 64
+    assert np.isnan(grid[1, 37 // 64]) and np.isnan(grid[0, 70 // 64])
+    assert grid[1, 200 // 64] == pytest.approx(5.0)  # the largest of its steps, not the mean
+    assert flow.stride * (grid.shape[1] - 1) < 300 <= flow.stride * grid.shape[1]  # no step lost
+    assert np.isneginf(grid[2]).all()
+    colours = colour_cells(grid)
+    assert tuple(colours[1, 37 // 64]) == NONFINITE_COLOUR == tuple(colours[0, 70 // 64])
+    assert tuple(colours[2, 0]) == ZERO_COLOUR
+
+
+def test_gradient_flow_colours_are_the_same_in_every_run() -> None:
+    from gradwatch.sinks.flow import LOG10_RANGE, colour_cells
+
+    quiet = GradientFlow()
+    quiet.add(np.arange(4), np.full((4, 1), 1e-3))
+    wild = GradientFlow()
+    wild.add(np.arange(4), np.array([[1e-3], [1e-7], [1e2], [1e-3]]))
+    assert tuple(colour_cells(quiet.grid())[0, 0]) == tuple(colour_cells(wild.grid())[0, 0])
+    low, high = LOG10_RANGE
+    ends = colour_cells(np.array([[low, low - 3, high, high + 3]]))[0]
+    assert (ends[0] == ends[1]).all() and (ends[2] == ends[3]).all()  # beyond: the end colours
+    assert not (ends[0] == ends[2]).all()
+
+
+def test_gradient_flow_plot_is_one_tensorboard_image_card_wide() -> None:
+    from gradwatch.sinks.flow import WIDTH_PX, FlowPlot
+
+    flow = GradientFlow()
+    norms = np.full((50, 12), 1e-2)
+    norms[20, 3] = np.nan
+    flow.add(np.arange(50), norms)
+    image = flow.render([f"encoder.layers.{i}.q_proj" for i in range(12)], FlowPlot())
+    assert image is not None and image.shape[1] == WIDTH_PX == 350 and image.dtype == np.uint8
+    assert np.all(image == [255, 0, 255], axis=2).any()  # the NaN cell is drawn

@@ -11,6 +11,7 @@ from typing import Any, cast
 from gradwatch.engine.alerts import Alert
 from gradwatch.engine.checks import check_bool, check_choice, check_int
 from gradwatch.engine.detectors import Detector, default_detectors
+from gradwatch.engine.layers import NamePatterns, Pattern, check_patterns
 from gradwatch.engine.remedies import Remedy
 
 NONFINITE_POLICIES = ("warn", "raise")
@@ -39,6 +40,16 @@ class WatchConfig:
         on_alert: Called with each new alert, on the host.
         nonfinite: ``"warn"`` (alert) or ``"raise"`` (``GradientError`` from ``step``).
         window: Steps of history kept (at least ``log_every_n_steps``).
+        include: Watch only the layers whose name matches one of these patterns: a string is a
+            glob on the whole name (``"encoder.*"``), a compiled ``re.Pattern`` a regular
+            expression searched in it; None watches every layer. The root layer matches as
+            ``""`` and as ``"<root>"``.
+        exclude: Leave out the layers whose name matches one of these patterns (after
+            ``include``).
+        probe_every_n_steps: Measure the gradients at every N-th step only (steps whose number is
+            a multiple of N); the other steps cost almost nothing. Detectors see the probed steps
+            (their patience and warm-up count probed steps) and are told the cadence at
+            ``bind``. Remedies and ``nonfinite="raise"`` act on every step, so they need 1.
     """
 
     log_every_n_steps: int = 50
@@ -50,9 +61,15 @@ class WatchConfig:
     on_alert: Callable[[Alert], None] | None = None
     nonfinite: str = "warn"
     window: int = 1000
+    include: NamePatterns = None
+    exclude: NamePatterns = None
+    probe_every_n_steps: int = 1
 
     def __post_init__(self) -> None:
         check_int("log_every_n_steps", self.log_every_n_steps, minimum=1)
+        check_int("probe_every_n_steps", self.probe_every_n_steps, minimum=1)
+        object.__setattr__(self, "include", check_patterns("include", self.include))
+        object.__setattr__(self, "exclude", check_patterns("exclude", self.exclude))
         check_int("histogram_every_n_steps", self.histogram_every_n_steps, minimum=0)
         check_int("window", self.window, minimum=1)
         check_bool("check_activations", self.check_activations)
@@ -62,11 +79,20 @@ class WatchConfig:
             raise TypeError(f"on_alert must be callable or None, got {self.on_alert!r}")
         object.__setattr__(self, "detectors", tuple(self._resolve_detectors()))
         object.__setattr__(self, "remedies", tuple(_checked_remedies(self.remedies)))
+        if self.probe_every_n_steps > 1:
+            self._check_probe_cadence()
 
     @property
     def detector_objects(self) -> tuple[Detector, ...]:
         """The detectors (``"default"`` resolved)."""
         return cast("tuple[Detector, ...]", self.detectors)
+
+    @property
+    def layer_patterns(self) -> tuple[tuple[Pattern, ...] | None, tuple[Pattern, ...] | None]:
+        """``include`` and ``exclude`` as tuples of patterns (None: not given)."""
+        return cast("tuple[Pattern, ...] | None", self.include), cast(
+            "tuple[Pattern, ...] | None", self.exclude
+        )
 
     @property
     def history_window(self) -> int:
@@ -93,6 +119,26 @@ class WatchConfig:
                     f"remedies[{index}] ({type(remedy).__name__}) acts on the optimizer: "
                     "pass it, GradWatch(model, optimizer, remedies=...)"
                 )
+
+    def _check_probe_cadence(self) -> None:
+        """Remedies and ``nonfinite="raise"`` decide at every step: they need every step probed."""
+        if self.remedies:
+            names = [type(remedy).__name__ for remedy in self.remedies]
+            raise ValueError(
+                f"remedies {names} act on every step and need its gradient norms: they cannot be "
+                f"used with probe_every_n_steps={self.probe_every_n_steps}; use "
+                "probe_every_n_steps=1 (or no remedies)"
+            )
+        if self.nonfinite == "raise":
+            raise ValueError(
+                "nonfinite='raise' checks every step: it cannot be used with "
+                f"probe_every_n_steps={self.probe_every_n_steps}; use probe_every_n_steps=1 or "
+                "nonfinite='warn'"
+            )
+
+    def probes(self, step: int) -> bool:
+        """Whether ``step`` is one whose gradients are measured (``probe_every_n_steps``)."""
+        return step % self.probe_every_n_steps == 0
 
     def _resolve_detectors(self) -> list[Detector]:
         detectors = self.detectors

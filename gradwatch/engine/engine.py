@@ -35,6 +35,7 @@ from gradwatch.engine.layers import (
     Layout,
     find_layers,
     forward_permutation,
+    select_layers,
     unwrap,
 )
 from gradwatch.engine.observation import (
@@ -55,6 +56,7 @@ from gradwatch.engine.probe import GradientProbe, scale_
 from gradwatch.engine.profile import ModelProfile
 from gradwatch.engine.records import FlushRecord
 from gradwatch.engine.remedies import Remedy
+from gradwatch.engine.text import format_layers
 from gradwatch.engine.thresholds import AMP_PERSISTENT_STEPS
 from gradwatch.engine.transfer import to_host
 from gradwatch.engine.warn import WarnOnce
@@ -120,6 +122,7 @@ class Engine:
             )
             model_name = type(self.model).__name__
             raise ValueError(f"model has no trainable parameters to watch: {model_name} ({reason})")
+        layers, unused_patterns = _select(self.model, layers, self.config)
         if self.optimizer is not None:
             watched = {id(p) for layer in layers for p in layer.params}
             if not any(id(p) in watched for p in optimizer_params(self.optimizer)):
@@ -142,6 +145,10 @@ class Engine:
             else None
         )
         self._warn_once = WarnOnce()
+        for pattern in unused_patterns:
+            self._warn_once(
+                f"pattern-{pattern}", f"gradwatch: {pattern} matches no layer of the model"
+            )
         # This step's detection flags are only gathered for remedies and the "raise" policy.
         self._needs_flags = bool(self.remedies) or self.config.nonfinite == "raise"
         self._last_report: StepReport | None = None
@@ -200,6 +207,9 @@ class Engine:
         """
         if self._order.active:
             self._finish_forward_order()
+        step = self._step_number(global_step)
+        if not self.config.probes(step):
+            return self._unprobed(step)
         probe = self.probe
         pattern = probe.grad_pattern()
         if not any(pattern):
@@ -214,7 +224,6 @@ class Engine:
                 "GradWatch.step() called twice for one backward pass; the repeat is ignored",
             )
             return StepOutcome(self._last_report)
-        step = self._step_number(global_step)
         cadence = self.config.log_every_n_steps
         flush_due = (step + 1) // cadence > self.step_count // cadence  # reached/passed a multiple
 
@@ -265,7 +274,8 @@ class Engine:
         clip_coef, skip, lr_scale = self._apply_remedies(obs, pattern, flags)
         self._previous_applied = ~overflow & (self._false if skip else self._true)
         self.history.write(step, norms, total, clip_coef, lr_scale)
-        if self.histograms is not None and step % self.config.histogram_every_n_steps == 0:
+        histogram_every = self.config.histogram_every_n_steps
+        if self.histograms is not None and step % histogram_every < self.config.probe_every_n_steps:
             params, grads = probe.grads(pattern) if not skip else ([], [])
             self._histogram_rows.append((step, self.histograms.compute(params, grads, sq_norms)))
         self.step_count = step + 1
@@ -277,6 +287,23 @@ class Engine:
         if record is not None:
             report.alerts = list(record.new_alerts)
         self._last_report = report
+        return StepOutcome(report, record)
+
+    def _unprobed(self, step: int) -> StepOutcome:
+        """A step between two probes (``probe_every_n_steps``): nothing is measured; the flush
+        happens if one is due, with the weight norms of this step."""
+        cadence = self.config.log_every_n_steps
+        flush_due = (step + 1) // cadence > self.step_count // cadence
+        if self.config.track_updates:
+            self._measure_updates(step)
+        if flush_due:
+            self._weight_norms = self.probe.weight_sq_norms().sqrt()
+        self.step_count = step + 1
+        self._fingerprint = None  # the next probe cannot be a repeat of this step
+        report = StepReport(step=step)
+        record = self.flush() if flush_due else None
+        if record is not None:
+            report.alerts = list(record.new_alerts)
         return StepOutcome(report, record)
 
     def flush(self) -> FlushRecord | None:
@@ -415,10 +442,11 @@ class Engine:
     # ------------------------------------------------------------------ layout
 
     def _bind(self) -> None:
+        every = self.config.probe_every_n_steps
         for detector in self.detectors:
-            detector.bind(self.layout)
+            detector.bind(self.layout, probe_every_n_steps=every)
         for remedy in self.remedies:
-            remedy.bind(self.layout)
+            remedy.bind(self.layout, probe_every_n_steps=every)
         for detector in self.detectors:
             if detector.needs is not None and not getattr(self.config, detector.needs):
                 self._warn_once(
@@ -674,6 +702,24 @@ class Engine:
         )
         recorded = self.book.record(alert, int(steps[fired[-1]]), len(fired))
         return [recorded] if recorded is not None else []
+
+
+def _select(
+    model: nn.Module, layers: list[Layer], config: WatchConfig
+) -> tuple[list[Layer], list[str]]:
+    """The layers ``include``/``exclude`` keep, and the patterns that matched none.
+
+    Raises:
+        ValueError: They keep no layer.
+    """
+    selected, unused = select_layers(layers, *config.layer_patterns)
+    if not selected:
+        names = format_layers([layer.name for layer in layers])
+        raise ValueError(
+            f"include={config.include!r} and exclude={config.exclude!r} leave none of the "
+            f"{len(layers)} layers of {type(model).__name__} to watch (layers: {names})"
+        )
+    return selected, unused
 
 
 def _stack(detections: list[Detection], device: torch.device) -> torch.Tensor:

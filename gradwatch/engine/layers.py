@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import nn
 
 from gradwatch.engine.hooks import ForwardHook, Handles
 from gradwatch.engine.state import Counts
+from gradwatch.engine.text import display_name
+
+Pattern: TypeAlias = "str | re.Pattern[str]"
+NamePatterns: TypeAlias = "Pattern | Sequence[Pattern] | None"
 
 
 @dataclass
@@ -114,6 +120,65 @@ def find_layers(model: nn.Module, params: Iterable[nn.Parameter] | None = None) 
         if owned:
             layers.append(Layer(name, module, owned))
     return layers
+
+
+def check_patterns(name: str, value: object) -> tuple[Pattern, ...] | None:
+    """``value`` (None, a glob string, a compiled regex, or a sequence of them) as a tuple.
+
+    Raises:
+        TypeError: Naming the argument and the value that is not a pattern.
+    """
+    if value is None:
+        return None
+    items = (value,) if isinstance(value, str | re.Pattern) else value
+    if not isinstance(items, Sequence):
+        raise TypeError(
+            f"{name} must be a glob string, a compiled re.Pattern, a sequence of them or None, "
+            f"got {value!r}"
+        )
+    for index, item in enumerate(items):
+        if not isinstance(item, str | re.Pattern):
+            raise TypeError(
+                f"{name}[{index}] must be a glob string or a compiled re.Pattern, got {item!r}"
+            )
+    return tuple(items)
+
+
+def matches(pattern: Pattern, layer: str) -> bool:
+    """Whether a layer name matches: a string is a glob over the whole name, a ``re.Pattern`` is
+    searched in it; the root layer ``""`` also matches as ``"<root>"``.
+
+    Example:
+        >>> matches("encoder.*", "encoder.0.fc"), matches(re.compile("fc$"), "encoder.0.fc")
+        (True, True)
+    """
+    names = {layer, display_name(layer)}
+    if isinstance(pattern, str):
+        return any(fnmatch.fnmatchcase(name, pattern) for name in names)
+    return any(pattern.search(name) is not None for name in names)
+
+
+def select_layers(
+    layers: list[Layer],
+    include: Sequence[Pattern] | None,
+    exclude: Sequence[Pattern] | None,
+) -> tuple[list[Layer], list[str]]:
+    """The layers ``include`` selects and ``exclude`` leaves in, and the patterns (as
+    ``"include[0] 'x*'"``) that matched no layer at all."""
+    unused: list[str] = []
+    selected = list(layers)
+    for argument, patterns in (("include", include), ("exclude", exclude)):
+        if patterns is None:
+            continue
+        matched: set[int] = set()
+        for index, pattern in enumerate(patterns):
+            hit = {id(layer) for layer in layers if matches(pattern, layer.name)}
+            if not hit:
+                unused.append(f"{argument}[{index}] {pattern!r}")
+            matched |= hit
+        wanted = argument == "include"
+        selected = [layer for layer in selected if (id(layer) in matched) == wanted]
+    return selected, unused
 
 
 class ForwardOrder:

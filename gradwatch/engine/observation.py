@@ -131,7 +131,8 @@ class StepReport:
         step: The step number (from 0).
         skipped: The update of this step must not happen (a SkipStep remedy decided so).
         alerts: Alerts that materialised during this call.
-        total_norm: 0-d total gradient norm before remedies (not synced).
+        total_norm: 0-d total gradient norm before remedies (not synced); None on a step that
+            was not probed (``probe_every_n_steps``).
         clip_coef: 0-d coefficient the gradients were multiplied by, or None.
         lr_scale: Learning-rate scale applied to this step's update.
     """

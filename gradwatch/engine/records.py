@@ -2,12 +2,55 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from gradwatch.engine.alerts import Alert
+
+
+@dataclass(frozen=True)
+class WindowSummary:
+    """Per-layer statistics of the steps of one flush, so that nothing between two log steps is
+    lost: a spike or a NaN at any step shows in ``max`` or ``nonfinite``.
+
+    Attributes:
+        max: ``[L]`` largest finite norm of the window (NaN when no step had a finite norm).
+        min: ``[L]`` smallest finite norm (NaN when none).
+        median: ``[L]`` median of the finite norms (NaN when none).
+        nonfinite: ``[L]`` number of steps whose norm was NaN or Inf.
+        steps: Number of steps in the window.
+    """
+
+    max: np.ndarray
+    min: np.ndarray
+    median: np.ndarray
+    nonfinite: np.ndarray
+    steps: int
+
+    @classmethod
+    def of(cls, norms: np.ndarray) -> WindowSummary:
+        """The summary of ``[k, L]`` norms (``k >= 1``).
+
+        Example:
+            >>> s = WindowSummary.of(np.array([[1.0, 2.0], [4.0, np.nan], [2.0, 3.0]]))
+            >>> s.max.tolist(), s.median.tolist(), s.nonfinite.tolist()
+            ([4.0, 3.0], [2.0, 2.5], [0, 1])
+        """
+        rows = np.asarray(norms, dtype=np.float64)
+        finite = np.isfinite(rows)
+        clean = np.where(finite, rows, np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
+            return cls(
+                max=np.nanmax(clean, axis=0),
+                min=np.nanmin(clean, axis=0),
+                median=np.nanmedian(clean, axis=0),
+                nonfinite=(~finite).sum(axis=0),
+                steps=len(rows),
+            )
 
 
 @dataclass
@@ -47,3 +90,10 @@ class FlushRecord:
     def last_step(self) -> int:
         """The newest step in this record (-1 when empty)."""
         return int(self.steps[-1]) if len(self.steps) else -1
+
+    def window(self) -> WindowSummary | None:
+        """Per-layer max, min, median and non-finite count over the steps of this record (None
+        when it holds no step). Computed on demand, on the thread of the sink that asks."""
+        if not len(self.steps):
+            return None
+        return WindowSummary.of(self.grad_norms)

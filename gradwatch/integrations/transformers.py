@@ -43,6 +43,7 @@ from gradwatch.engine.alerts import Alert, GradientError
 from gradwatch.engine.checks import check_int
 from gradwatch.engine.config import WatchConfig
 from gradwatch.engine.detectors import Detector
+from gradwatch.engine.layers import NamePatterns
 from gradwatch.engine.optimizer import drop_gradients, optimizer_params, unwrap_optimizer
 from gradwatch.engine.remedies import Remedy
 from gradwatch.engine.warn import WarnOnce
@@ -93,6 +94,10 @@ class GradWatchCallback(TrainerCallback, ExportableState):
         on_alert: Called with each new alert, on the host (on every process).
         nonfinite: ``"warn"`` (alert) or ``"raise"`` (stop training, see above).
         window: Steps of history kept.
+        include: Watch only the layers whose name matches (glob strings, compiled regexes).
+        exclude: Leave out the layers whose name matches.
+        probe_every_n_steps: Measure the gradients at every N-th step only (not with remedies or
+            ``nonfinite="raise"``).
         sinks: Extra sinks, written on the main process.
         report: Write to the Trainer's ``report_to`` backends.
 
@@ -132,6 +137,9 @@ class GradWatchCallback(TrainerCallback, ExportableState):
         on_alert: Callable[[Alert], None] | None = None,
         nonfinite: str = "warn",
         window: int = 1000,
+        include: NamePatterns = None,
+        exclude: NamePatterns = None,
+        probe_every_n_steps: int = 1,
         sinks: Sequence[Sink] = (),
         report: bool = True,
     ) -> None:
@@ -156,6 +164,9 @@ class GradWatchCallback(TrainerCallback, ExportableState):
             "on_alert": on_alert,
             "nonfinite": nonfinite,
             "window": window,
+            "include": include,
+            "exclude": exclude,
+            "probe_every_n_steps": probe_every_n_steps,
             "sinks": sinks,
             "report": report,
         }
@@ -169,6 +180,9 @@ class GradWatchCallback(TrainerCallback, ExportableState):
             on_alert=on_alert,
             nonfinite=nonfinite,
             window=window,
+            include=include,
+            exclude=exclude,
+            probe_every_n_steps=probe_every_n_steps,
         )
         self.log_every_n_steps = log_every_n_steps
         self.sinks = list(sinks)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gradwatch.sinks.png import encode_png
+from gradwatch.sinks.schema import CUSTOM_SCALARS_TAG, Category, layout_as_dict
 
 
 @dataclass
@@ -19,6 +20,7 @@ class Entry:
 
 
 def write_events(writer: Any, events: dict[int, list[Entry]]) -> None:
+    """Writes ``{step: entries}``: as protos to a ``SummaryWriter``, else through ``add_*``."""
     file_writer = file_writer_of(writer)  # fetched each time: SummaryWriter reopens it if closed
     if file_writer is not None:
         write_protos(file_writer, events)
@@ -92,6 +94,44 @@ def write_calls(writer: Any, events: dict[int, list[Entry]]) -> None:
                 )
 
 
+def write_layout(writer: Any, layout: list[Category]) -> None:
+    """Writes the custom-scalars layout (``closed`` categories only survive the proto route)."""
+    file_writer = file_writer_of(writer)
+    if file_writer is None:
+        call_if_present(writer, "add_custom_scalars", layout_as_dict(layout))
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.compat.proto.tensor_pb2 import TensorProto
+    from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    proto = layout_pb2.Layout(
+        category=[
+            layout_pb2.Category(
+                title=category.title,
+                closed=category.closed,
+                chart=[
+                    layout_pb2.Chart(
+                        title=chart.title,
+                        multiline=layout_pb2.MultilineChartContent(tag=list(chart.tags)),
+                    )
+                    for chart in category.charts
+                ],
+            )
+            for category in layout
+        ]
+    )
+    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="custom_scalars"))
+    tensor = TensorProto(
+        dtype="DT_STRING",
+        string_val=[proto.SerializeToString()],
+        tensor_shape=TensorShapeProto(),
+    )
+    value = Summary.Value(tag=CUSTOM_SCALARS_TAG, tensor=tensor, metadata=metadata)
+    summary = Summary(value=[value])
+    file_writer.add_summary(summary)
+
+
 def file_writer_of(writer: Any) -> Any:
     """The ``FileWriter`` of a ``torch.utils.tensorboard.SummaryWriter``, else None."""
     try:
@@ -104,6 +144,7 @@ def file_writer_of(writer: Any) -> Any:
 
 
 def call_if_present(obj: Any, method: str, *args: Any, **kwargs: Any) -> None:
+    """Calls ``obj.method(...)`` when the object has it (writer-like objects may lack some)."""
     function = getattr(obj, method, None)
     if callable(function):
         function(*args, **kwargs)

@@ -13,47 +13,10 @@ from typing import Any
 
 from gradwatch.engine.records import FlushRecord
 from gradwatch.sinks.base import Sink
-from gradwatch.sinks.schema import format_alert_markdown, layer_tag
+from gradwatch.sinks.schema import ScalarTags, format_alert_markdown
 
 ALERTS_FILE = "gradwatch_alerts.md"
 ALERT_SEPARATOR = "\n\n---\n\n"
-
-
-def metric_rows(
-    record: FlushRecord, prefix: str, alert_counts: dict[str, int]
-) -> list[tuple[int, dict[str, float]]]:
-    """The scalars of one flush as ``(step, {tag: value})`` rows, one per step, oldest first.
-
-    Every row holds the total gradient norm (and the clip coefficient and learning-rate scale when
-    a remedy produces them); the newest row adds the per-layer gradient norms, weight norms, update
-    ratios and the alert counts that changed since the last call (``alert_counts`` is updated).
-
-    Args:
-        record: The flush.
-        prefix: Root of every tag.
-        alert_counts: The counts written so far, per kind (read and updated).
-    """
-    rows = []
-    last = len(record.steps) - 1
-    for row, step in enumerate(record.steps):
-        metrics = {f"{prefix}/grad_norm_total": float(record.total_norms[row])}
-        if record.clip_coefs is not None:
-            metrics[f"{prefix}/clip_coef"] = float(record.clip_coefs[row])
-        if record.lr_scales is not None:
-            metrics[f"{prefix}/lr_scale"] = float(record.lr_scales[row])
-        if row == last:
-            families = [("grad_norm", record.grad_norms[-1]), ("weight_norm", record.weight_norms)]
-            if record.update_ratios is not None:
-                families.append(("update_ratio", record.update_ratios))
-            for family, values in families:
-                for name, value in zip(record.layer_names, values, strict=True):
-                    metrics[layer_tag(family, name, prefix)] = float(value)
-            for kind, count in record.alert_counts.items():
-                if alert_counts.get(kind) != count:
-                    metrics[f"{prefix}/alerts/{kind}"] = float(count)
-                    alert_counts[kind] = count
-        rows.append((int(step), metrics))
-    return rows
 
 
 def check_prefix(prefix: object) -> str:
@@ -66,12 +29,13 @@ def check_prefix(prefix: object) -> str:
 class LoggerMetricsSink(Sink):
     """Writes the scalars of every flush through ``logger.log_metrics(metrics, step)``.
 
-    For each step of a flush it logs the total gradient norm (and the clip coefficient and
-    learning-rate scale when a remedy produces them); at the newest step of the flush it adds the
-    per-layer gradient norms, weight norms, update ratios (``track_updates=True``) and the alert
-    counts that changed. Tags: ``<prefix>/grad_norm_total``, ``<prefix>/grad_norm/<layer>``,
-    ``<prefix>/weight_norm/<layer>``, ``<prefix>/update_ratio/<layer>``, ``<prefix>/clip_coef``,
-    ``<prefix>/lr_scale``, ``<prefix>/alerts/<kind>``; the root layer ``""`` is written ``<root>``.
+    For each step of a flush it logs the total gradient norm, the log10 norms by depth (and the clip
+    coefficient and learning-rate scale when a remedy produces them); at the newest step of the
+    flush it adds the per-layer gradient norms with their window max/min/median, weight norms,
+    update ratios (``track_updates=True``) and the alert counts
+    (:class:`~gradwatch.sinks.schema.ScalarTags`). The tags are the TensorBoard sink's under
+    ``prefix`` (``<prefix>/grad_norm_total``, ``<prefix>/grad_norm/<layer>``...); the root layer
+    ``""`` is written ``<root>``.
 
     ``log_metrics`` takes numbers only, so the alert text (message and advice, the Markdown of
     TensorBoard's ``gradwatch/alerts``) is appended to ``<log_dir>/gradwatch_alerts.md`` when the
@@ -95,11 +59,11 @@ class LoggerMetricsSink(Sink):
             )
         self.logger = logger
         self.prefix = check_prefix(prefix)
-        self._alert_counts: dict[str, int] = {}
+        self._scalars = ScalarTags(self.prefix)
 
     def write(self, record: FlushRecord) -> None:
         """Logs one flush: one ``log_metrics`` call per step, the per-layer values at the newest."""
-        for step, metrics in metric_rows(record, self.prefix, self._alert_counts):
+        for step, metrics in self._scalars.scalars(record).items():
             self.logger.log_metrics(metrics, step=step)
         path = self.alerts_path
         if record.new_alerts and path is not None:

@@ -17,8 +17,8 @@ from typing import Any
 
 from gradwatch.engine.records import FlushRecord
 from gradwatch.sinks.base import Sink
-from gradwatch.sinks.metrics import ALERT_SEPARATOR, check_prefix, metric_rows
-from gradwatch.sinks.schema import format_alert_markdown
+from gradwatch.sinks.metrics import ALERT_SEPARATOR, check_prefix
+from gradwatch.sinks.schema import ScalarTags, format_alert_markdown
 
 BATCH_LIMIT = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
 _NOT_ALLOWED = re.compile(r"[^/\w.\- :]")
@@ -76,7 +76,7 @@ class MlflowSink(Sink):
         self.run_id = run_id
         self.client = client
         self.prefix = mlflow_key(check_prefix(prefix))
-        self._alert_counts: dict[str, int] = {}
+        self._scalars = ScalarTags(self.prefix)
         self._alert_texts: list[str] = []
 
     def write(self, record: FlushRecord) -> None:
@@ -87,7 +87,7 @@ class MlflowSink(Sink):
         now = int(time.time() * 1000)
         metrics = [
             Metric(mlflow_key(tag), value, now, step)
-            for step, row in metric_rows(record, self.prefix, self._alert_counts)
+            for step, row in self._scalars.scalars(record).items()
             for tag, value in row.items()
         ]
         for start in range(0, len(metrics), BATCH_LIMIT):

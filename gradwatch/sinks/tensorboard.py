@@ -2,16 +2,21 @@
 
 What is written (tags in :mod:`gradwatch.sinks.schema`):
 
-- ``gradwatch/grad_norm_total`` every step, ``gradwatch/clip_coef`` and ``gradwatch/lr_scale`` every
-  step when a remedy produces them;
-- ``gradwatch/grad_norm/<layer>``, ``gradwatch/weight_norm/<layer>`` and, with ``track_updates``,
-  ``gradwatch/update_ratio/<layer>`` at the last step of each flush;
-- ``gradwatch/alerts/<kind>`` (alerts so far) when it changes, and ``gradwatch/alerts`` (text: the
-  message and advice of each alert, at its step);
+- every step: ``gradwatch/grad_norm_total``, the log10 gradient norm of the first, middle and last
+  third of the layers and of all layers (``gradwatch/depth/...``), and ``gradwatch/clip_coef`` and
+  ``gradwatch/lr_scale`` when a remedy produces them;
+- at the last step of each flush, per layer: the gradient norm (``gradwatch/grad_norm/<layer>``),
+  its largest, smallest and median value over the steps of the flush (``grad_norm_max``,
+  ``grad_norm_min``, ``grad_norm_median``), the number of NaN/Inf steps when there were any, the
+  weight norm and, with ``track_updates``, the update/weight ratio;
+- ``gradwatch/alerts/<kind>`` (alerts so far) at the step of each alert, ``gradwatch/alerts`` (text:
+  the message and advice of each alert, at its step) and ``gradwatch/alert_log`` (every alert so
+  far, oldest first);
 - ``gradwatch/grad_hist/<layer>`` histograms (binned on the device by
   :class:`~gradwatch.engine.histograms.GradientHistograms`);
-- ``gradwatch/gradient_flow``: the image of :mod:`gradwatch.sinks.flow`;
-- a custom-scalars layout, once per run, with all layers of a family in one multiline chart.
+- ``gradwatch/gradient_flow``: the image of :mod:`gradwatch.sinks.flow` (fixed colour scale);
+- a custom-scalars layout, once per run: an overview (depth bands, alerts, remedies) open, the
+  per-layer charts (one per family) collapsed.
 
 With a ``torch.utils.tensorboard.SummaryWriter``, every step's values go into one ``Summary`` proto
 (one event per step instead of one per value); any other writer-like object gets the equivalent
@@ -30,24 +35,19 @@ import time
 import warnings
 from typing import Any
 
-import numpy as np
-
+from gradwatch.engine.alerts import Alert
 from gradwatch.engine.records import FlushRecord
 from gradwatch.sinks.base import Sink
-from gradwatch.sinks.events import (
-    Entry,
-    call_if_present,
-    file_writer_of,
-    write_events,
-)
-from gradwatch.sinks.flow import FlowPlot, GradientFlow, matplotlib_available
+from gradwatch.sinks.events import Entry, call_if_present, write_events, write_layout
+from gradwatch.sinks.flow import LOG10_RANGE, FlowPlot, GradientFlow, matplotlib_available
 from gradwatch.sinks.schema import (
+    ALERT_LOG_TAG,
     ALERTS_TAG,
-    CLIP_TAG,
     FLOW_TAG,
-    LR_SCALE_TAG,
-    TOTAL_TAG,
+    GRAD_HIST_FAMILY,
+    ScalarTags,
     custom_scalars_layout,
+    format_alert_log,
     format_alert_markdown,
     layer_tag,
 )
@@ -79,7 +79,10 @@ class TensorBoardSink(Sink):
             not closed, by :meth:`close`).
         background: Write on a background thread (True) or on the caller's thread.
         flow_columns: Maximum columns of the gradient-flow image; older steps are merged pairwise
-            so the image always spans the whole run.
+            (largest norm, NaN/Inf kept) so the image always spans the whole run. At most the
+            width of the plot (about 180 pixels) so that no column is dropped when drawn.
+        flow_range: The image's fixed colour scale: log10 of the norms drawn in the bottom and top
+            colours (the same for every run, so runs can be compared).
         use_matplotlib: Labelled gradient-flow plot with matplotlib (None: when importable), or a
             plain colour map (False).
         image_interval: Minimum seconds between two gradient-flow images (drawing one takes tens
@@ -96,7 +99,8 @@ class TensorBoardSink(Sink):
         writer: Any = None,
         *,
         background: bool = True,
-        flow_columns: int = 256,
+        flow_columns: int = 128,
+        flow_range: tuple[float, float] = LOG10_RANGE,
         use_matplotlib: bool | None = None,
         image_interval: float = 5.0,
         queue_size: int = 16,
@@ -105,6 +109,15 @@ class TensorBoardSink(Sink):
             raise ValueError("TensorBoardSink needs exactly one of logdir or writer")
         if flow_columns < 2:
             raise ValueError(f"flow_columns must be >= 2, got {flow_columns}")
+        if not (
+            isinstance(flow_range, tuple)
+            and len(flow_range) == 2
+            and all(isinstance(v, int | float) and math.isfinite(v) for v in flow_range)
+            and flow_range[0] < flow_range[1]
+        ):
+            raise ValueError(
+                f"flow_range must be (low, high) log10 norms with low < high, got {flow_range!r}"
+            )
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         if not image_interval >= 0:
@@ -115,15 +128,16 @@ class TensorBoardSink(Sink):
         self._failure_reported = False
         self._closed = False
         self._flow = GradientFlow(flow_columns)
+        self._flow_range = (float(flow_range[0]), float(flow_range[1]))
         matplotlib_wanted = matplotlib_available() if use_matplotlib is None else use_matplotlib
-        self._plot = FlowPlot() if matplotlib_wanted else None
+        self._plot = FlowPlot() if matplotlib_wanted else None  # imports matplotlib here
         self._image_interval = image_interval
         self._image_due_step: int | None = None  # the newest step not yet in an image
         self._last_image_time = -math.inf
         self._layout_written = False
-        self._alert_counts: dict[str, int] = {}
+        self._scalars = ScalarTags()
+        self._alerts: list[Alert] = []
         self._flow_names: list[str] = []
-        self._tags: dict[tuple[str, ...], dict[str, list[str]]] = {}
         if writer is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -260,7 +274,7 @@ class TensorBoardSink(Sink):
         if not final and time.monotonic() - self._last_image_time < self._image_interval:
             return
         try:
-            image = self._flow.render(self._flow_names, self._plot)
+            image = self._flow.render(self._flow_names, self._plot, self._flow_range)
             if image is not None:
                 write_events(self._writer, {step: [Entry("image", FLOW_TAG, image)]})
             self._image_due_step = None
@@ -281,7 +295,8 @@ class TensorBoardSink(Sink):
 
     def _write_record(self, record: FlushRecord) -> None:
         if not self._layout_written:
-            self._write_layout()
+            remedies = record.clip_coefs is not None or record.lr_scales is not None
+            write_layout(self._writer, custom_scalars_layout(remedies=remedies))
             self._layout_written = True
         write_events(self._writer, self._events(record))
         if len(record.steps):
@@ -289,58 +304,28 @@ class TensorBoardSink(Sink):
             self._flow_names = record.layer_names
             self._image_due_step = int(record.steps[-1])
 
-    def _write_layout(self) -> None:
-        file_writer = file_writer_of(self._writer)
-        if file_writer is not None:
-            from torch.utils.tensorboard.summary import custom_scalars
-
-            file_writer.add_summary(custom_scalars(custom_scalars_layout()))
-        else:
-            call_if_present(self._writer, "add_custom_scalars", custom_scalars_layout())
-
-    def _layer_tags(self, names: list[str]) -> dict[str, list[str]]:
-        key = tuple(names)
-        tags = self._tags.get(key)
-        if tags is None:
-            families = ("grad_norm", "weight_norm", "update_ratio", "grad_hist")
-            tags = {family: [layer_tag(family, name) for name in names] for family in families}
-            self._tags = {key: tags}
-        return tags
-
     def _events(self, record: FlushRecord) -> dict[int, list[Entry]]:
         """Everything one record writes, grouped by step (steps in increasing order)."""
-        events: dict[int, list[Entry]] = {}
-        steps = [int(step) for step in record.steps]
-        per_step = [(TOTAL_TAG, record.total_norms)]
-        if record.clip_coefs is not None:
-            per_step.append((CLIP_TAG, record.clip_coefs))
-        if record.lr_scales is not None:
-            per_step.append((LR_SCALE_TAG, record.lr_scales))
-        columns = [(tag, np.asarray(values, dtype=np.float64).tolist()) for tag, values in per_step]
-        for index, step in enumerate(steps):
-            events[step] = [Entry("scalar", tag, values[index]) for tag, values in columns]
-        if not steps:
-            return events
-        last = steps[-1]
-        tags = self._layer_tags(record.layer_names)
-        final = events[last]
-        layer_rows = [("grad_norm", record.grad_norms[-1]), ("weight_norm", record.weight_norms)]
-        if record.update_ratios is not None:
-            layer_rows.append(("update_ratio", record.update_ratios))
-        for family, values in layer_rows:
-            row = np.asarray(values, dtype=np.float64).tolist()
-            final.extend(
-                Entry("scalar", tag, value) for tag, value in zip(tags[family], row, strict=True)
-            )
-        for kind, count in sorted(record.alert_counts.items()):
-            if self._alert_counts.get(kind) != count:
-                self._alert_counts[kind] = count
-                final.append(Entry("scalar", f"{ALERTS_TAG}/{kind}", float(count)))
-        for alert in sorted(record.new_alerts, key=lambda a: a.step):
+        events = {
+            step: [Entry("scalar", tag, value) for tag, value in values.items()]
+            for step, values in self._scalars.scalars(record).items()
+        }
+        new_alerts = sorted(record.new_alerts, key=lambda alert: alert.step)
+        for alert in new_alerts:
             text = format_alert_markdown(alert)
             events.setdefault(alert.step, []).append(Entry("text", ALERTS_TAG, text))
-        hist_tags = dict(zip(record.layer_names, tags["grad_hist"], strict=True))
+        if new_alerts:
+            self._alerts += new_alerts
+            log = format_alert_log(self._alerts)
+            events.setdefault(record.last_step, []).append(Entry("text", ALERT_LOG_TAG, log))
+        hist_tags = dict(
+            zip(
+                record.layer_names,
+                self._scalars.layer_tags(record.layer_names)[GRAD_HIST_FAMILY],
+                strict=True,
+            )
+        )
         for step, name, histogram in record.histograms:
-            tag = hist_tags.get(name, layer_tag("grad_hist", name))
+            tag = hist_tags.get(name, layer_tag(GRAD_HIST_FAMILY, name))
             events.setdefault(int(step), []).append(Entry("histogram", tag, histogram))
         return dict(sorted(events.items()))

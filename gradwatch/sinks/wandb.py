@@ -21,8 +21,8 @@ from gradwatch.engine.alerts import Alert
 from gradwatch.engine.records import FlushRecord
 from gradwatch.engine.text import display_name
 from gradwatch.sinks.base import Sink
-from gradwatch.sinks.metrics import ALERT_SEPARATOR, check_prefix, metric_rows
-from gradwatch.sinks.schema import format_alert_markdown
+from gradwatch.sinks.metrics import ALERT_SEPARATOR, check_prefix
+from gradwatch.sinks.schema import ScalarTags, format_alert_markdown
 
 _LEVELS = {"info": "INFO", "warning": "WARN", "error": "ERROR"}
 ALERT_COLUMNS = ["step", "kind", "severity", "layers", "message", "advice"]
@@ -77,7 +77,7 @@ class WandbSink(Sink):
         self.prefix = check_prefix(prefix)
         self.send_alerts = send_alerts
         self._defined: set[str] = set()
-        self._alert_counts: dict[str, int] = {}
+        self._scalars = ScalarTags(self.prefix)
         self._table: Any = None
 
     def write(self, record: FlushRecord) -> None:
@@ -88,7 +88,7 @@ class WandbSink(Sink):
         alerts_by_step: dict[int, list[Alert]] = {}
         for alert in record.new_alerts:
             alerts_by_step.setdefault(alert.step, []).append(alert)
-        rows = metric_rows(record, self.prefix, self._alert_counts)
+        rows = list(self._scalars.scalars(record).items())
         rows += [(step, {}) for step in alerts_by_step if step not in {s for s, _ in rows}]
         for step, metrics in sorted(rows, key=lambda row: row[0]):
             alerts = alerts_by_step.get(step, [])
