@@ -55,6 +55,10 @@ class GradientProbe:
             for p in self.params
         )
 
+    def knows(self, pattern: tuple[int, ...]) -> bool:
+        """Whether this pattern of present gradients was seen (its plan is cached)."""
+        return pattern in self._plans
+
     def grad_sq_norms(self, pattern: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-layer sums of squares of the current gradients, and the per-layer has-grad mask."""
         plan = self._plan(pattern)
