@@ -265,6 +265,14 @@ class Engine:
         grads_finite = finite(total)
         loss_finite = self._loss_finite(loss)
         overflow = self._amp_overflow(grads_finite)
+        activations = self.activations.collect() if self.activations is not None else None
+        if activations is None and self.activations is not None and self.activations.names:
+            self._warn_once(
+                "activations-silent",
+                "gradwatch: check_activations=True, but no activation module ran (with autograd) "
+                "before this step; under torch.compile, create GradWatch before the first "
+                "compiled forward (dynamo does not see hooks added later)",
+            )
         obs = Observation(
             steps=(step,),
             norms=norms[None],
@@ -277,7 +285,7 @@ class Engine:
             overflow=overflow[None],
             update_ratio=update_ratio,
             update_applied=self._previous_applied if update_ratio is not None else None,
-            activations=self.activations.collect() if self.activations is not None else None,
+            activations=activations,
         )
         flags: dict[AlertKind, torch.Tensor] = {}
         for detector, pending in zip(self.detectors, self._pending, strict=True):
@@ -600,7 +608,9 @@ class Engine:
         if loss is None:
             return self._true
         try:
-            value = torch.as_tensor(loss).detach()
+            # a Python float is a float64 value (torch would make it float32: 1e300 -> inf)
+            dtype = torch.float64 if isinstance(loss, float) else None
+            value = torch.as_tensor(loss, dtype=dtype).detach()
             if value.device.type == "meta" or value.is_complex() or value.dtype == torch.bool:
                 raise TypeError(f"not a real number with a value: {value.dtype} on {value.device}")
             return finite(value.sum()).to(self.layout.device)  # in its own dtype: 1e300 is finite

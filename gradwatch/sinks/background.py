@@ -95,6 +95,8 @@ class BackgroundWriter:
         with self._condition:
             self._stopping = True
             self._condition.notify_all()
+        if threading.current_thread() is self._thread:
+            return True  # closed from inside ``handle`` (e.g. by garbage collection): it ends next
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
