@@ -129,6 +129,8 @@ def approximate_nbytes(value: Any) -> int:
     if isinstance(value, dict):
         return sum(approximate_nbytes(v) for v in value.values()) + 64
     if isinstance(value, list | tuple):
+        if value and isinstance(value[0], int | float):  # e.g. histogram bucket limits
+            return 8 * len(value) + 64
         return sum(approximate_nbytes(v) for v in value) + 64
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return sum(approximate_nbytes(getattr(value, f.name)) for f in dataclasses.fields(value))
