@@ -35,11 +35,12 @@ def train(
     *,
     attached: bool = False,
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     """``steps`` steps of a regression; ``attached``: the optimizer's hook runs the watch."""
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        x = torch.randn(16, 4, generator=generator)
+        x = torch.randn(16, 4, generator=generator).to(dtype)
         loss = model(x).pow(2).mean()
         loss.backward()
         skipped = False if attached else watch.step(loss=loss).skipped
@@ -244,7 +245,14 @@ def _changed_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
 
 @pytest.mark.parametrize(
     "change",
-    ["replace a layer", "add a module", "unfreeze a layer", "to_empty on a meta model", "assign"],
+    [
+        "replace a layer",
+        "add a module",
+        "unfreeze a layer",
+        "to_empty on a meta model",
+        "assign",
+        "float64",
+    ],
 )
 def test_a_changed_model_is_noticed_and_read_again(change: str) -> None:
     if change == "to_empty on a meta model":
@@ -266,6 +274,8 @@ def test_a_changed_model_is_noticed_and_read_again(change: str) -> None:
             model.add_module("5", nn.Linear(1, 1))
         elif change == "unfreeze a layer":
             model[0].requires_grad_(True)
+        elif change == "float64":
+            model.double()
         elif change == "assign":
             fresh = {k: v.clone() for k, v in mlp().state_dict().items()}
             model.load_state_dict(fresh, assign=True)
@@ -275,13 +285,17 @@ def test_a_changed_model_is_noticed_and_read_again(change: str) -> None:
             for module in model:
                 if isinstance(module, nn.Linear):
                     module.reset_parameters()
-        train(model, watch, 9, seed=1)
+        dtype = torch.float64 if change == "float64" else torch.float32
+        train(model, watch, 9, seed=1, dtype=dtype)
         expected_names = {"0", "2", "4"} | ({"5"} if change == "add a module" else set())
-        model(torch.randn(16, 4)).pow(2).mean().backward()
+        model(torch.randn(16, 4, dtype=dtype)).pow(2).mean().backward()
         expected = reference_norms(model, sorted(expected_names))
         watch.step()
         norms = watch.last_norms()
-    assert len(_changed_warnings(caught)) == 1
+    messages = _changed_warnings(caught)
+    assert len(messages) == 1
+    if change in ("replace a layer", "assign"):
+        assert "changed: '2'" in messages[0] or "changed: '0', '2', '4'" in messages[0]
     assert set(watch.layer_names) == expected_names
     assert norms == pytest.approx(expected, rel=1e-5)
     steps = watch.history()["step"]

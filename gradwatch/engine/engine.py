@@ -534,7 +534,9 @@ class Engine:
         before it); the step counter, history (by layer name), alerts and dead-unit counters
         carry over; detector and remedy statistics start afresh.
         """
-        self._structure = self._current_structure(layers)
+        structure = self._current_structure(layers)
+        added, removed, changed = self._structure.layer_changes(structure)
+        self._structure = structure
         if not layers:
             self._warn_once(
                 "model-empty",
@@ -542,14 +544,12 @@ class Engine:
                 "keeps its previous layers",
             )
             return
-        before, names = set(self.layout.names), {layer.name for layer in layers}
-        added, removed = sorted(names - before), sorted(before - names)
         self._warn_once(
             "model-changed",
-            f"gradwatch: the model changed after GradWatch was built ({len(layers)} layers now; "
-            f"added {_few(added)}, removed {_few(removed)}); its layers were read again: the "
-            "step counter, history and alerts carry over, detector and remedy statistics start "
-            "afresh",
+            f"gradwatch: the model changed after GradWatch was built (layers added: "
+            f"{_few(added)}; removed: {_few(removed)}; changed: {_few(changed)}); its layers "
+            "were read again: the step counter, history and alerts carry over, detector and "
+            "remedy statistics start afresh",
         )
         activation_names = self.layout.activation_names
         if self.activations is not None:

@@ -290,3 +290,11 @@ class Structure:
             key.append(id(module))
             objects.append(module)
         return cls(tuple(key), tuple(objects))
+
+    def layer_changes(self, newer: Structure) -> tuple[list[str], list[str], list[str]]:
+        """Layer names added, removed and changed (another module, other parameters, or a
+        parameter's device, dtype or shape) in ``newer``."""
+        old = {entry[0]: entry for entry in self.key if isinstance(entry, tuple)}
+        new = {entry[0]: entry for entry in newer.key if isinstance(entry, tuple)}
+        changed = [name for name in new if name in old and new[name] != old[name]]
+        return sorted(new.keys() - old.keys()), sorted(old.keys() - new.keys()), sorted(changed)
