@@ -304,6 +304,20 @@ def test_a_changed_model_is_noticed_and_read_again(change: str) -> None:
     watch.close()
 
 
+def test_a_selection_holds_across_a_change_and_an_unchanged_model_is_never_read_again() -> None:
+    model = mlp()
+    watch = gw.GradWatch(model, exclude=["2"], log_every_n_steps=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, watch, 7)
+        assert _changed_warnings(caught) == []
+        model[4] = nn.Linear(8, 1)
+        train(model, watch, 7, seed=1)
+    assert len(_changed_warnings(caught)) == 1
+    assert watch.layer_names == ["0", "4"]
+    watch.close()
+
+
 def test_history_carries_over_by_layer_name_across_a_replaced_layer() -> None:
     model = mlp()
     watch = gw.GradWatch(model, log_every_n_steps=4)

@@ -36,8 +36,8 @@ from gradwatch.engine.layers import (
     Structure,
     find_layers,
     forward_permutation,
-    select_layers,
     merge_order,
+    select_layers,
     unwrap,
 )
 from gradwatch.engine.observation import (
@@ -521,8 +521,11 @@ class Engine:
         return Structure.of(layers, activations)
 
     def _changed_layers(self) -> list[Layer] | None:
-        """The model's layers now if the model changed since they were read, else None."""
-        layers = find_layers(self.model, self._params)
+        """The model's layers now (``include``/``exclude`` applied) if the model changed since
+        they were read, else None."""
+        layers, _ = select_layers(
+            find_layers(self.model, self._params), *self.config.layer_patterns
+        )
         if self._current_structure(layers) == self._structure:
             return None
         return layers
