@@ -8,8 +8,9 @@ Usage::
 
 Sections: paired overhead on three workloads (``bench_overhead.py``), where ``watch.step()`` spends
 its time (cProfile), scaling with tensor count and size (``bench_scaling.py``), memory
-(``bench_memory.py``), and, when present, histograms (``bench_histograms.py``) and distributed
-(``bench_distributed.py``), which run as subprocesses with their own command lines. On a machine
+(``bench_memory.py``), and, when present, histograms (``bench_histograms.py``), distributed
+(``bench_distributed.py``) and slow or hung writers (``bench_writer.py``), which run as
+subprocesses with their own command lines. On a machine
 with CUDA the same command reports GPU overhead and host syncs per step.
 """
 
@@ -31,10 +32,11 @@ import torch
 from common import add_common_arguments, machine_description
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("overhead", "profile", "scaling", "memory", "histograms", "distributed")
+SECTIONS = ("overhead", "profile", "scaling", "memory", "histograms", "distributed", "writers")
 # Command lines of the benchmarks that have their own (quick, full).
 EXTERNAL = {
     "histograms": ("bench_histograms.py", ["--repeats", "3"], []),
+    "writers": ("bench_writer.py", ["--steps", "60", "--log-every", "1"], ["--log-every", "1"]),
     "distributed": ("bench_distributed.py", ["--pairs", "20", "--warmup", "5"], []),
 }
 

@@ -10,8 +10,8 @@ that goes wrong later is one warning and training goes on.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -138,20 +138,28 @@ class GradWatch:
         _check_frontend_arguments(model, optimizer, logdir, writer, scaler, sinks, params)
         params = _checked_params(params)
         self.config = config
-        self.engine = Engine(model, optimizer, config, scaler=scaler, params=params)
+        # The engine never calls on_alert (the watch does); without it in the engine's config, a
+        # callback referring to the watch cannot keep the watch alive through ``_release``.
+        engine_config = config.replace(on_alert=None) if config.on_alert is not None else config
+        self.engine = Engine(model, optimizer, engine_config, scaler=scaler, params=params)
         self._sinks: list[Sink] = list(sinks) if distributed.is_rank_zero() else []
         if distributed.is_rank_zero() and (logdir is not None or writer is not None):
             from gradwatch.sinks.tensorboard import TensorBoardSink
 
             self._sinks.append(TensorBoardSink(logdir=logdir, writer=writer))
-        self._attach_handle: RemovableHandle | None = None
+        self._attach_handles: list[RemovableHandle] = []
         self._warn_once = WarnOnce()
         self._closed = False
-        # Flush at interpreter exit if nobody called close(); release the sinks (threads, files)
-        # when the watch is dropped without close().
+        # Steps, flushes and reads from other threads take turns (reads see whole flushes).
+        self._lock = threading.RLock()
+        # Closed at interpreter exit if nobody called close(); released exactly once, by close()
+        # or when the watch is garbage-collected without it (pending steps flushed to the sinks,
+        # every hook removed, learning rates restored, writer threads ended).
         self._exit_hook = _ExitHook(self)
         atexit.register(self._exit_hook)
-        self._finalizer = weakref.finalize(self, _close_sinks, self._sinks, self._exit_hook)
+        self._release = weakref.finalize(
+            self, _release, self.engine, self._sinks, self._attach_handles, self._exit_hook
+        )
 
     # ------------------------------------------------------------------ public API
 
@@ -183,12 +191,14 @@ class GradWatch:
     @property
     def layer_names(self) -> list[str]:
         """Layers in forward execution order (registration order before the first forward)."""
-        return self.engine.layer_names
+        with self._lock:
+            return self.engine.layer_names
 
     @property
     def alerts(self) -> list[Alert]:
         """Every alert so far, oldest first."""
-        return self.engine.alerts
+        with self._lock:
+            return self.engine.alerts
 
     @property
     def step_count(self) -> int:
@@ -210,16 +220,18 @@ class GradWatch:
         Raises:
             GradientError: With ``nonfinite="raise"``, when a gradient or the loss is NaN/Inf.
         """
-        if self._closed:
-            self._warn_once("closed", "GradWatch.step() called after close(); ignored")
-            return StepReport(step=self.step_count)
-        try:
-            outcome = self.engine.step(loss, global_step)
-        except Exception as error:  # the training loop comes first
-            self._warn_once(f"step:{type(error).__name__}", f"gradwatch step failed: {error!r}")
-            return StepReport(step=self.step_count)
-        if outcome.record is not None:
-            self._publish(outcome.record)
+        with self._lock:
+            if self._closed:
+                self._warn_once("closed", "GradWatch.step() called after close(); ignored")
+                return StepReport(step=self.step_count)
+            try:
+                outcome = self.engine.step(loss, global_step)
+            except Exception as error:  # the training loop comes first
+                self._warn_once(f"step:{type(error).__name__}", f"gradwatch step failed: {error!r}")
+                return StepReport(step=self.step_count)
+            for record in outcome.records:
+                _write(self._sinks, record)
+        self._announce(outcome.records)
         if outcome.error is not None:
             raise outcome.error
         return outcome.report
@@ -230,47 +242,45 @@ class GradWatch:
         if optimizer is None:
             raise ValueError("attach() needs the optimizer: GradWatch(model, optimizer)")
         check_step_hooks(optimizer, "attach()")
-        if self._attach_handle is None:
-            self._attach_handle = optimizer.register_step_pre_hook(_AttachHook(self))
+        with self._lock:
+            if not self._attach_handles and not self._closed:
+                self._attach_handles.append(optimizer.register_step_pre_hook(_AttachHook(self)))
         return self
 
     def detach(self) -> None:
         """Removes every hook gradwatch installed (attach, forward order, activations, remedies)."""
-        if self._attach_handle is not None:
-            self._attach_handle.remove()
-            self._attach_handle = None
-        self.engine.close()
+        with self._lock:
+            _remove(self._attach_handles)
+            self.engine.close()
 
     def flush(self) -> list[Alert]:
         """Materialises everything pending: one host transfer, new alerts, sink writes."""
-        try:
-            record = self.engine.flush()
-        except Exception as error:
-            self._warn_once("flush", f"gradwatch flush failed: {error!r}")
-            return []
-        if record is None:
-            return []
-        self._publish(record)
+        with self._lock:
+            try:
+                record = self.engine.flush()
+            except Exception as error:
+                self._warn_once("flush", f"gradwatch flush failed: {error!r}")
+                return []
+            if record is None:
+                return []
+            _write(self._sinks, record)
+        self._announce((record,))
         return list(record.new_alerts)
 
     def close(self) -> None:
-        """Flushes, closes the sinks and removes every hook. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        atexit.unregister(self._exit_hook)
+        """Flushes, closes the sinks and removes every hook. Safe to call twice.
+
+        Waits for the sinks (at most ``TensorBoardSink(close_timeout=)`` for a writer that hangs).
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         try:
             self.flush()
         finally:
-            self.detach()
-            for sink in self._sinks:
-                try:
-                    sink.close()
-                except Exception as error:
-                    self._warn_once(
-                        "sink-close", f"gradwatch sink {sink!r} failed to close: {error!r}"
-                    )
-            self._sinks.clear()
+            with self._lock:
+                self._release()
 
     def __repr__(self) -> str:
         """One line; reads only host values (no flush, no device sync)."""
@@ -324,31 +334,35 @@ class GradWatch:
     def last_norms(self) -> dict[str, float]:
         """Per-layer L2 gradient norm of the latest step (flushes pending steps)."""
         self.flush()
-        return self.engine.last_norms()
+        with self._lock:
+            return self.engine.last_norms()
 
     def history(self) -> dict[str, np.ndarray]:
         """The retained window: ``"step"`` and one norm array per layer (flushes pending steps)."""
         self.flush()
-        return self.engine.history_dict()
+        with self._lock:
+            return self.engine.history_dict()
 
     def summary(self) -> str:
         """A human-readable diagnosis: worst layers, alerts and advice."""
         from gradwatch.summary import format_summary
 
         self.flush()
-        engine = self.engine
-        return format_summary(
-            steps=engine.step_count,
-            layer_names=engine.layer_names,
-            history=engine.history,
-            alerts=engine.alerts,
-            episodes=engine.book.episodes(),
-        )
+        with self._lock:
+            engine = self.engine
+            return format_summary(
+                steps=engine.step_count,
+                layer_names=engine.layer_names,
+                history=engine.history,
+                alerts=engine.alerts,
+                episodes=engine.book.episodes(),
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-value state (safe for ``torch.load(weights_only=True)``), flushed first."""
         self.flush()
-        return self.engine.state_dict()
+        with self._lock:
+            return self.engine.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`; the step counter, history and statistics continue.
@@ -361,39 +375,31 @@ class GradWatch:
         """
         if not isinstance(state, dict) or "step" not in state:
             raise ValueError(f"not a GradWatch state_dict: {type(state).__name__}")
-        try:
-            self.engine.load_state_dict(state)
-        except ValueError as error:
-            self._warn_once("state", f"GradWatch.load_state_dict: {error}")
+        with self._lock:
+            try:
+                self.engine.load_state_dict(state)
+            except ValueError as error:
+                self._warn_once("state", f"GradWatch.load_state_dict: {error}")
 
     # ------------------------------------------------------------------ internals
 
-    def _publish(self, record: FlushRecord) -> None:
-        """Hands a flush to every sink, then announces its new alerts (logger, ``on_alert``).
+    def _announce(self, records: Iterable[FlushRecord]) -> None:
+        """Announces new alerts (the ``gradwatch`` logger, then ``on_alert``), outside the lock.
 
-        A sink that fails is disabled with one warning. ``on_alert`` runs last, so an interrupt
-        raised inside it (KeyboardInterrupt, SystemExit) finds the flush already written.
+        Runs after the sinks were written, so an interrupt raised inside ``on_alert``
+        (KeyboardInterrupt, SystemExit) finds the flush already written.
         """
-        for sink in list(self._sinks):
-            try:
-                sink.write(record)
-            except Exception as error:  # a failing sink never stops training
-                self._sinks.remove(sink)
-                warnings.warn(
-                    f"gradwatch: sink {type(sink).__name__} failed ({error!r}); it is disabled and "
-                    "training continues (history and alerts are kept)",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
         on_alert = self.config.on_alert
-        for alert in record.new_alerts:
-            log = {"info": logger.info, "warning": logger.warning, "error": logger.error}
-            log[alert.severity]("%s", alert)
-            if on_alert is not None:
-                try:
-                    on_alert(alert)
-                except Exception as error:  # the training loop comes first
-                    self._warn_once("on_alert", f"gradwatch: on_alert raised {error!r}; ignored")
+        for record in records:
+            for alert in record.new_alerts:
+                _log(alert)
+                if on_alert is not None:
+                    try:
+                        on_alert(alert)
+                    except Exception as error:  # the training loop comes first
+                        self._warn_once(
+                            "on_alert", f"gradwatch: on_alert raised {error!r}; ignored"
+                        )
 
 
 _DEFAULT_OPTIONS: dict[str, Any] = {
@@ -436,17 +442,74 @@ class _ExitHook:
     def __call__(self) -> None:
         watch = self._watch()
         if watch is not None:
-            with contextlib.suppress(Exception):
+            try:
                 watch.close()
+            except Exception as error:
+                warnings.warn(
+                    f"gradwatch: closing at exit failed: {error!r}", RuntimeWarning, stacklevel=2
+                )
 
 
-def _close_sinks(sinks: list[Sink], exit_hook: _ExitHook) -> None:
-    """Releases the sinks of a watch dropped without ``close()`` (its writer threads end)."""
+def _release(
+    engine: Engine,
+    sinks: list[Sink],
+    attach_handles: list[RemovableHandle],
+    exit_hook: _ExitHook,
+) -> None:
+    """Releases a watch, once: by ``close()`` or when it is garbage-collected without it.
+
+    What is still pending is flushed to the sinks (alerts go to the logger only: ``on_alert``
+    belongs to the dropped watch), every hook is removed, learning rates are restored, the sinks
+    are closed (their writer threads end).
+    """
     atexit.unregister(exit_hook)
+    try:
+        record = engine.flush()
+    except Exception as error:
+        warnings.warn(f"gradwatch: the last flush failed: {error!r}", RuntimeWarning, stacklevel=2)
+        record = None
+    _remove(attach_handles)
+    engine.close()
+    if record is not None:
+        _write(sinks, record)
+        for alert in record.new_alerts:
+            _log(alert)
     for sink in sinks:
-        with contextlib.suppress(Exception):
+        try:
             sink.close()
+        except Exception as error:
+            warnings.warn(
+                f"gradwatch: sink {type(sink).__name__} failed to close: {error!r}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     sinks.clear()
+
+
+def _write(sinks: list[Sink], record: FlushRecord) -> None:
+    """Hands a flush to every sink; a sink that fails is disabled with one warning."""
+    for sink in list(sinks):
+        try:
+            sink.write(record)
+        except Exception as error:  # a failing sink never stops training
+            sinks.remove(sink)
+            warnings.warn(
+                f"gradwatch: sink {type(sink).__name__} failed ({error!r}); it is disabled and "
+                "training continues (history and alerts are kept)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
+def _log(alert: Alert) -> None:
+    log = {"info": logger.info, "warning": logger.warning, "error": logger.error}
+    log[alert.severity]("%s", alert)
+
+
+def _remove(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 def _check_frontend_arguments(

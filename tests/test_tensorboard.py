@@ -378,7 +378,7 @@ def test_a_logdir_that_cannot_be_created_warns_once(tmp_path: Path) -> None:
 
 def test_close_drains_the_queue_and_stops_the_thread(tmp_path: Path) -> None:
     model = RootScaled()
-    sink = TensorBoardSink(tmp_path, queue_size=1)
+    sink = TensorBoardSink(tmp_path)
     watch = gw.GradWatch(model, log_every_n_steps=1, detectors=(), sinks=[sink])
     train(watch, model, steps=30)
     watch.close()

@@ -85,7 +85,7 @@ class ActivationMonitor:
         self.roles: list[Role] = []
         self._bounds: list[tuple[float, float]] = []
         self._handles = Handles(self)
-        for name, module in model.named_modules():
+        for name, module in activation_modules(model):
             role = activation_role(module)
             if role is None:
                 continue
@@ -119,7 +119,12 @@ class ActivationMonitor:
             self._seen.add(index)
             self._order.append(index)
             self._rank = None
-        if output.numel() == 0 or output.is_sparse or not output.is_floating_point():
+        if (
+            output.layout != torch.strided  # sparse (COO, CSR...) outputs: nothing to reduce here
+            or output.is_nested
+            or output.numel() == 0
+            or not output.is_floating_point()
+        ):
             return
         role = self.roles[index]
         if role is Role.SATURATING:
@@ -239,6 +244,11 @@ class ActivationMonitor:
             ranks = [float(position.get(i, len(self.names))) for i in range(len(self.names))]
             self._rank = torch.tensor(ranks, device=device)
         return self._rank
+
+
+def activation_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The activation modules of ``model`` (by role), with their paths, in registration order."""
+    return [(name, module) for name, module in model.named_modules() if activation_role(module)]
 
 
 def _add(tensors: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from gradwatch.engine import distributed
-from gradwatch.engine.activations import ActivationMonitor
+from gradwatch.engine.activations import ActivationMonitor, activation_modules
 from gradwatch.engine.advice import advise
 from gradwatch.engine.alerts import Alert, AlertBook, AlertKind, GradientError
 from gradwatch.engine.config import WatchConfig
@@ -33,8 +33,10 @@ from gradwatch.engine.layers import (
     ForwardOrder,
     Layer,
     Layout,
+    Structure,
     find_layers,
     forward_permutation,
+    merge_order,
     select_layers,
     unwrap,
 )
@@ -71,12 +73,14 @@ class StepOutcome:
 
     Attributes:
         report: The step's report (returned to the user).
-        record: The flush that happened during the step, for the sinks, if any.
-        error: With ``nonfinite="raise"``: the error to raise once the record is written.
+        records: The flushes that happened during the step, oldest first, for the sinks (a
+            second one when the step noticed that the model changed and flushed the steps
+            before the change first).
+        error: With ``nonfinite="raise"``: the error to raise once the records are written.
     """
 
     report: StepReport
-    record: FlushRecord | None = None
+    records: tuple[FlushRecord, ...] = ()
     error: GradientError | None = None
 
 
@@ -113,7 +117,8 @@ class Engine:
         self.scaler = scaler
         self.detectors: list[Detector] = list(self.config.detector_objects)
         self.remedies: list[Remedy] = list(self.config.remedies)
-        layers = find_layers(self.model, params)
+        self._params = list(params) if params is not None else None
+        layers = find_layers(self.model, self._params)
         if not layers:
             reason = (
                 "params= selects none of its trainable parameters"
@@ -138,7 +143,9 @@ class Engine:
         )
         self.book = AlertBook()
         self.step_count = 0
-        self._order = ForwardOrder(layers)
+        self._order = ForwardOrder(layers, self.model)
+        self._structure = self._current_structure(layers)
+        self._recheck = False  # the previous step failed: look for a changed model
         self._lr_source: ScaleSource | None = (
             lr_scaling(self.optimizer)
             if self.optimizer is not None and any(r.scales_lr for r in self.remedies)
@@ -200,23 +207,44 @@ class Engine:
     def step(self, loss: Any = None, global_step: int | None = None) -> StepOutcome:
         """Records one step, after backward (and ``scaler.unscale_``), before ``optimizer.step``.
 
+        A model that changed since the layers were read (a layer replaced, parameters re-created,
+        moved or unfrozen, a module added) is noticed when the pattern of present gradients is new,
+        after a step failed and at every flush: the steps so far are flushed, the layers are read
+        again (one warning) and the step counter, history and alerts carry over.
+
         Args:
             loss: The step's loss (a tensor or a number), checked for NaN/Inf (never synced). A
                 value that is not a number is dropped with one warning; the gradients still count.
             global_step: This step's number instead of one more than the previous one.
         """
+        try:
+            return self._step(loss, global_step)
+        except Exception:
+            self._recheck = True  # e.g. parameters moved to another device
+            raise
+
+    def _step(self, loss: Any, global_step: int | None) -> StepOutcome:
         if self._order.active:
             self._finish_forward_order()
         step = self._step_number(global_step)
         if not self.config.probes(step):
             return self._unprobed(step)
+        pattern = self.probe.grad_pattern()
+        records: tuple[FlushRecord, ...] = ()
+        if self._recheck or not self.probe.knows(pattern):
+            self._recheck = False
+            layers = self._changed_layers()
+            if layers is not None:
+                record = self._flush()  # the steps so far, in the layout they were taken in
+                records = (record,) if record is not None else ()
+                self._rescan(layers)
+                pattern = self.probe.grad_pattern()
         probe = self.probe
-        pattern = probe.grad_pattern()
         if not any(pattern):
             self._warn_once(
                 "no-grad", "GradWatch.step() found no gradients: call it after loss.backward()"
             )
-            return StepOutcome(StepReport(step=self.step_count))
+            return StepOutcome(StepReport(step=self.step_count), records)
         fingerprint = self._grad_fingerprint(pattern)
         if self._last_report is not None and _same(self._fingerprint, fingerprint):
             self._warn_once(
@@ -237,6 +265,14 @@ class Engine:
         grads_finite = finite(total)
         loss_finite = self._loss_finite(loss)
         overflow = self._amp_overflow(grads_finite)
+        activations = self.activations.collect() if self.activations is not None else None
+        if activations is None and self.activations is not None and self.activations.names:
+            self._warn_once(
+                "activations-silent",
+                "gradwatch: check_activations=True, but no activation module ran (with autograd) "
+                "before this step; under torch.compile, create GradWatch before the first "
+                "compiled forward (dynamo does not see hooks added later)",
+            )
         obs = Observation(
             steps=(step,),
             norms=norms[None],
@@ -249,7 +285,7 @@ class Engine:
             overflow=overflow[None],
             update_ratio=update_ratio,
             update_applied=self._previous_applied if update_ratio is not None else None,
-            activations=self.activations.collect() if self.activations is not None else None,
+            activations=activations,
         )
         flags: dict[AlertKind, torch.Tensor] = {}
         for detector, pending in zip(self.detectors, self._pending, strict=True):
@@ -270,7 +306,9 @@ class Engine:
             self.history.write(step, norms, total, None, 1.0)
             self.step_count = step + 1
             record = self.flush()
-            return StepOutcome(StepReport(step=step), record, GradientError(self._error(step)))
+            if record is not None:
+                records += (record,)
+            return StepOutcome(StepReport(step=step), records, GradientError(self._error(step)))
         clip_coef, skip, lr_scale = self._apply_remedies(obs, pattern, flags)
         self._previous_applied = ~overflow & (self._false if skip else self._true)
         self.history.write(step, norms, total, clip_coef, lr_scale)
@@ -285,9 +323,10 @@ class Engine:
         )
         record = self.flush() if flush_due else None
         if record is not None:
-            report.alerts = list(record.new_alerts)
+            records += (record,)
+        report.alerts = [alert for record in records for alert in record.new_alerts]
         self._last_report = report
-        return StepOutcome(report, record)
+        return StepOutcome(report, records)
 
     def _unprobed(self, step: int) -> StepOutcome:
         """A step between two probes (``probe_every_n_steps``): nothing is measured; the flush
@@ -304,10 +343,22 @@ class Engine:
         record = self.flush() if flush_due else None
         if record is not None:
             report.alerts = list(record.new_alerts)
-        return StepOutcome(report, record)
+        return StepOutcome(report, (record,) if record is not None else ())
 
     def flush(self) -> FlushRecord | None:
-        """Materialises everything pending: one host transfer, new alerts; None if nothing is."""
+        """Materialises everything pending: one host transfer, new alerts; None if nothing is.
+
+        A model that changed since its layers were read is read again after the flush (added
+        modules and unfrozen layers are noticed here).
+        """
+        record = self._flush()
+        if record is not None:
+            layers = self._changed_layers()
+            if layers is not None:
+                self._rescan(layers)
+        return record
+
+    def _flush(self) -> FlushRecord | None:
         history = self.history
         if history.num_pending == 0:
             return None
@@ -353,7 +404,7 @@ class Engine:
             alert = self._alert_from_rows(detector, steps, det_rows)
             if alert is not None:
                 new_alerts.append(alert)
-        return FlushRecord(
+        record = FlushRecord(
             layer_names=self.layer_names,
             steps=steps,
             grad_norms=norms,
@@ -366,6 +417,7 @@ class Engine:
             new_alerts=new_alerts,
             alert_counts={k.value: v for k, v in self.book.counts().items()},
         )
+        return record
 
     def last_norms(self) -> dict[str, float]:
         """Per-layer L2 gradient norm of the latest flushed step (empty before any)."""
@@ -462,14 +514,75 @@ class Engine:
         if order != list(layers):
             self._relayout(order)
 
-    def _relayout(self, layers: list[Layer]) -> None:
-        """Rebuilds everything that depends on the layers (their statistics start afresh)."""
-        self.layout = Layout.build(layers, self.layout.activation_names)
+    def _current_structure(self, layers: list[Layer]) -> Structure:
+        activations = (
+            [m for _, m in activation_modules(self.model)] if self.activations is not None else []
+        )
+        return Structure.of(layers, activations)
+
+    def _changed_layers(self) -> list[Layer] | None:
+        """The model's layers now (``include``/``exclude`` applied) if the model changed since
+        they were read, else None."""
+        layers, _ = select_layers(
+            find_layers(self.model, self._params), *self.config.layer_patterns
+        )
+        if self._current_structure(layers) == self._structure:
+            return None
+        return layers
+
+    def _rescan(self, layers: list[Layer]) -> None:
+        """Watches the layers of a model that changed (flush first: pending steps are not kept).
+
+        Layers keep their forward position by name (a new one goes after the layer registered
+        before it); the step counter, history (by layer name), alerts and dead-unit counters
+        carry over; detector and remedy statistics start afresh.
+        """
+        structure = self._current_structure(layers)
+        added, removed, changed = self._structure.layer_changes(structure)
+        self._structure = structure
+        if not layers:
+            self._warn_once(
+                "model-empty",
+                "gradwatch: the model has no trainable parameters to watch any more; the watch "
+                "keeps its previous layers",
+            )
+            return
+        self._warn_once(
+            "model-changed",
+            f"gradwatch: the model changed after GradWatch was built (layers added: "
+            f"{_few(added)}; removed: {_few(removed)}; changed: {_few(changed)}); its layers "
+            "were read again: the step counter, history and alerts carry over, detector and "
+            "remedy statistics start afresh",
+        )
+        activation_names = self.layout.activation_names
+        if self.activations is not None:
+            saved = self.activations.state_dict()
+            self.activations.remove()
+            self.activations = ActivationMonitor(self.model)
+            self.activations.load_state_dict(saved)
+            activation_names = tuple(self.activations.names)
+        self.profile = ModelProfile.inspect(
+            self.model, self.optimizer, remedies=self.remedies, scaler=self.scaler
+        )
+        self._relayout(merge_order(self.layout.names, layers), activation_names)
+
+    def _relayout(
+        self, layers: list[Layer], activation_names: tuple[str, ...] | None = None
+    ) -> None:
+        """Rebuilds everything that depends on the layers (their statistics start afresh); the
+        flushed history carries over by layer name."""
+        previous = {name: index for index, name in enumerate(self.layout.names)}
+        if activation_names is None:
+            activation_names = self.layout.activation_names
+        self.layout = Layout.build(layers, activation_names)
         device = self.layout.device
         self.probe = GradientProbe(layers, device)
-        self.history = NormHistory(self.config.history_window, len(layers), device)
+        self.history = self.history.remapped([previous.get(layer.name) for layer in layers], device)
         if self.histograms is not None:
             self.histograms = GradientHistograms(self.layout)
+        self._true, self._false = self._true.to(device), self._false.to(device)
+        self._overflow_run = self._overflow_run.to(device)
+        self._previous_applied = self._previous_applied.to(device)
         self._weight_norms = torch.zeros(len(layers), device=device)
         self._weights_stale = True
         self._update_ratio = None
@@ -498,7 +611,9 @@ class Engine:
         if loss is None:
             return self._true
         try:
-            value = torch.as_tensor(loss).detach()
+            # a Python float is a float64 value (torch would make it float32: 1e300 -> inf)
+            dtype = torch.float64 if isinstance(loss, float) else None
+            value = torch.as_tensor(loss, dtype=dtype).detach()
             if value.device.type == "meta" or value.is_complex() or value.dtype == torch.bool:
                 raise TypeError(f"not a real number with a value: {value.dtype} on {value.device}")
             return finite(value.sum()).to(self.layout.device)  # in its own dtype: 1e300 is finite
@@ -745,6 +860,14 @@ def _same(
         ra() is not None and ra() is rb() and va == vb
         for (ra, va), (rb, vb) in zip(a, b, strict=True)
     )
+
+
+def _few(names: list[str]) -> str:
+    """Up to three names, quoted, and how many more."""
+    if not names:
+        return "none"
+    shown = ", ".join(repr(name) for name in names[:3])
+    return shown + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
 
 
 def _scaler_enabled(scaler: Any) -> bool:

@@ -167,10 +167,13 @@ class GradientHistograms:
 
 
 def _flat_float(grad: torch.Tensor) -> torch.Tensor:
-    """The gradient's values as a flat float32 tensor (sparse gradients: their stored values)."""
+    """The gradient's values as a flat float32 tensor (sparse gradients: their stored values;
+    complex ones: their magnitudes)."""
     values = grad.detach()
     if values.is_sparse:
         values = values.coalesce().values()
+    if values.is_complex():
+        values = values.abs()
     values = values.reshape(-1)
     return values if values.dtype == torch.float32 else values.float()
 

@@ -96,6 +96,22 @@ class NormHistory:
         self._steps.clear()
         self._lr_scales.clear()
 
+    def remapped(self, columns: list[int | None], device: torch.device) -> NormHistory:
+        """A history whose column ``j`` continues this one's column ``columns[j]`` (``None``: a new
+        layer, NaN before it existed). Carries the committed window; pending rows are not carried
+        (flush first)."""
+        other = NormHistory(self.window, len(columns), device)
+        norms = np.full((len(self.host_steps), len(columns)), np.nan, dtype=np.float32)
+        for new, old in enumerate(columns):
+            if old is not None:
+                norms[:, new] = self.host_norms[:, old]
+        other.host_steps = self.host_steps.copy()
+        other.host_norms = norms
+        other.host_total = self.host_total.copy()
+        other.host_clip = self.host_clip.copy()
+        other.host_lr_scale = self.host_lr_scale.copy()
+        return other
+
     def as_dict(self, names: list[str]) -> dict[str, np.ndarray]:
         """The committed window: ``"step"`` and one norm array per layer name."""
         out: dict[str, np.ndarray] = {"step": self.host_steps.copy()}

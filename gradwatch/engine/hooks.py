@@ -9,6 +9,7 @@ pickled (a copy's forwards never feed the original watch's statistics).
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -34,14 +35,26 @@ class ForwardHook:
     """
 
     def __init__(self, receiver: object, function: Callable[..., None], index: int) -> None:
-        self._receiver = weakref.ref(receiver)
+        self._receiver: Callable[[], object | None] = weakref.ref(receiver)
         self._function = function
         self._index = index
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         receiver = self._receiver()
         if receiver is not None:
-            self._function(receiver, self._index, output)
+            try:
+                self._function(receiver, self._index, output)
+            except Exception as error:  # a hook never breaks the user's forward
+                self._failed(error)
+
+    def _failed(self, error: Exception) -> None:
+        """Turns this hook off with one warning."""
+        self._receiver = _dead
+        warnings.warn(
+            f"gradwatch: a forward hook failed ({error!r}); it is off, training continues",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def __reduce__(self) -> tuple[type[InertHook], tuple[()]]:
         return InertHook, ()
@@ -53,7 +66,15 @@ class ForwardPreHook(ForwardHook):
     def __call__(self, module: nn.Module, args: Any) -> None:  # type: ignore[override]
         receiver = self._receiver()
         if receiver is not None:
-            self._function(receiver, self._index, args)
+            try:
+                self._function(receiver, self._index, args)
+            except Exception as error:  # a hook never breaks the user's forward
+                self._failed(error)
+
+
+def _dead() -> None:
+    """What a failed hook's receiver reference returns: nothing, so the hook does nothing."""
+    return None
 
 
 class Handles:

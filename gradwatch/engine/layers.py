@@ -187,25 +187,33 @@ class ForwardOrder:
     A layer's position is when its forward first returns, so a module that owns parameters and
     also has children (the root, a custom block) comes after the children it calls. The hooks only
     record (they never remove themselves inside a forward, which ``torch.compile`` could not
-    trace); :meth:`finish` reads the order and removes them, between steps.
+    trace); :meth:`finish` reads the order and removes them, between steps. The order counts as
+    known once a forward of the root module has returned (so a read from another thread while the
+    first forward runs does not freeze half an order).
 
     Args:
         layers: The layers.
+        root: The model they belong to.
     """
 
-    def __init__(self, layers: Iterable[Layer]) -> None:
+    def __init__(self, layers: Iterable[Layer], root: nn.Module) -> None:
         self._order: list[int] = []
         self._seen: set[int] = set()
+        self._complete = False
         self._handles = Handles(self)
         for index, layer in enumerate(layers):
             self._handles.add(
                 layer.module.register_forward_hook(ForwardHook(self, ForwardOrder._ran, index))
             )
+        self._handles.add(root.register_forward_hook(ForwardHook(self, ForwardOrder._root_ran, 0)))
 
     def _ran(self, index: int, output: Any) -> None:
         if index not in self._seen:
             self._seen.add(index)
             self._order.append(index)
+
+    def _root_ran(self, index: int, output: Any) -> None:
+        self._complete = True
 
     @property
     def active(self) -> bool:
@@ -214,8 +222,8 @@ class ForwardOrder:
 
     @property
     def has_run(self) -> bool:
-        """Whether some layer finished a forward."""
-        return bool(self._order)
+        """Whether a forward of the whole model finished."""
+        return self._complete
 
     def finish(self) -> list[int]:
         """Removes the hooks; returns the layer indices in the order they first ran."""
@@ -231,3 +239,62 @@ def forward_permutation(count: int, ran: list[int]) -> list[int]:
     """Layers that ran, in the order they ran, then the rest in registration order."""
     ran_set = set(ran)
     return list(ran) + [i for i in range(count) if i not in ran_set]
+
+
+def merge_order(previous: list[str], layers: list[Layer]) -> list[Layer]:
+    """``layers`` (registration order) in the order of the ``previous`` layer names.
+
+    A layer known by name keeps its place; a new one goes right after the layer registered before
+    it (its forward position is unknown until a forward runs).
+    """
+    position = {name: index for index, name in enumerate(previous)}
+    anchor = -1
+    keys: list[tuple[int, int]] = []
+    for index, layer in enumerate(layers):
+        if layer.name in position:
+            anchor = position[layer.name]
+            keys.append((anchor, -1))
+        else:
+            keys.append((anchor, index))
+    return [layer for _, layer in sorted(zip(keys, layers, strict=True), key=lambda kv: kv[0])]
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What a layout was built from, to notice when the model changes after construction.
+
+    Compares the identity of every layer's module and parameters (a replaced layer, an added
+    module, unfrozen parameters, parameters re-created by ``to_empty()`` or
+    ``load_state_dict(assign=True)``) and each parameter's device, dtype and shape, plus the hooked
+    activation modules. It holds the objects themselves so that their ids stay unique while it
+    lives.
+
+    Attributes:
+        key: What is compared.
+        objects: The modules and parameters the key names (kept alive, not compared).
+    """
+
+    key: tuple[Any, ...]
+    objects: tuple[Any, ...] = field(compare=False, repr=False)
+
+    @classmethod
+    def of(cls, layers: Iterable[Layer], activations: Iterable[nn.Module] = ()) -> Structure:
+        """The structure of ``layers`` and of the hooked ``activations`` modules."""
+        key: list[Any] = []
+        objects: list[Any] = []
+        for layer in layers:
+            params = tuple((id(p), p.device, p.dtype, tuple(p.shape)) for p in layer.params)
+            key.append((layer.name, id(layer.module), params))
+            objects += [layer.module, *layer.params]
+        for module in activations:
+            key.append(id(module))
+            objects.append(module)
+        return cls(tuple(key), tuple(objects))
+
+    def layer_changes(self, newer: Structure) -> tuple[list[str], list[str], list[str]]:
+        """Layer names added, removed and changed (another module, other parameters, or a
+        parameter's device, dtype or shape) in ``newer``."""
+        old = {entry[0]: entry for entry in self.key if isinstance(entry, tuple)}
+        new = {entry[0]: entry for entry in newer.key if isinstance(entry, tuple)}
+        changed = [name for name in new if name in old and new[name] != old[name]]
+        return sorted(new.keys() - old.keys()), sorted(old.keys() - new.keys()), sorted(changed)

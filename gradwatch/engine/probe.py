@@ -55,6 +55,10 @@ class GradientProbe:
             for p in self.params
         )
 
+    def knows(self, pattern: tuple[int, ...]) -> bool:
+        """Whether this pattern of present gradients was seen (its plan is cached)."""
+        return pattern in self._plans
+
     def grad_sq_norms(self, pattern: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-layer sums of squares of the current gradients, and the per-layer has-grad mask."""
         plan = self._plan(pattern)
@@ -107,7 +111,7 @@ class GradientProbe:
     def _foreach_norms(
         self, tensors: list[torch.Tensor]
     ) -> list[torch.Tensor] | tuple[torch.Tensor, ...]:
-        dtype = _accumulation_dtype(tensors[0].dtype)
+        dtype = accumulation_dtype(tensors[0].dtype)
         if self._foreach_ok:
             try:
                 return torch._foreach_norm(tensors, 2, dtype=dtype)
@@ -146,14 +150,17 @@ class GradientProbe:
         return _Plan(present, groups, sparse, layer_index, weights, has_grad)
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype | None:
-    """Low-precision tensors accumulate in float32; float32/float64 keep their own precision."""
-    return None if dtype in (torch.float32, torch.float64) else torch.float32
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """Low-precision tensors accumulate in float32; float32/float64 keep their own precision, as
+    complex tensors do (the norm of a complex tensor is real: that of the magnitudes)."""
+    if dtype in (torch.float32, torch.float64) or dtype.is_complex:
+        return None
+    return torch.float32
 
 
 def _sparse_norm(tensor: torch.Tensor) -> torch.Tensor:
     values = tensor.coalesce().values()
-    return torch.linalg.vector_norm(values, dtype=_accumulation_dtype(values.dtype))
+    return torch.linalg.vector_norm(values, dtype=accumulation_dtype(values.dtype))
 
 
 def group_by_device_dtype(tensors: list[torch.Tensor]) -> list[list[int]]:

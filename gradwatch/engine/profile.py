@@ -195,6 +195,7 @@ class ModelProfile:
     def _measure_init(self, weights: list[tuple[str, nn.Module, torch.Tensor]]) -> None:
         # sharded weights are left out: each rank would measure its own shard and advise differently
         wholes = [(p, m, whole) for p, m, w in weights if (whole := held_whole(w)) is not None]
+        wholes = [(p, m, w) for p, m, w in wholes if not w.is_complex()]  # He/Xavier: real weights
         if not wholes:
             return
         with torch.no_grad():

@@ -29,6 +29,7 @@ from gradwatch.engine.checks import check_int, check_names, check_number
 from gradwatch.engine.component import Component
 from gradwatch.engine.distributed import local_part
 from gradwatch.engine.observation import Decision, RemedyInput
+from gradwatch.engine.probe import accumulation_dtype
 from gradwatch.engine.thresholds import AUTOCLIP_MAX_HISTORY, CLIP_EPS
 
 _AGC_EXCLUSIONS = ("final", "vectors")
@@ -442,7 +443,8 @@ class SkipStep(Remedy):
 
 def _unit_norms(tensor: torch.Tensor) -> torch.Tensor:
     """L2 norm of each output unit (dims 1.. reduced, kept), or of the whole vector/scalar."""
+    dtype = accumulation_dtype(tensor.dtype)  # float64 and complex keep their own precision
     if tensor.dim() <= 1:
-        return torch.linalg.vector_norm(tensor, dtype=torch.float32)
+        return torch.linalg.vector_norm(tensor, dtype=dtype)
     dims = tuple(range(1, tensor.dim()))
-    return torch.linalg.vector_norm(tensor, dim=dims, keepdim=True, dtype=torch.float32)
+    return torch.linalg.vector_norm(tensor, dim=dims, keepdim=True, dtype=dtype)

@@ -29,14 +29,13 @@ import atexit
 import contextlib
 import math
 import os
-import queue
-import threading
 import time
 import warnings
 from typing import Any
 
 from gradwatch.engine.alerts import Alert
 from gradwatch.engine.records import FlushRecord
+from gradwatch.sinks.background import BackgroundWriter, approximate_nbytes
 from gradwatch.sinks.base import Sink
 from gradwatch.sinks.events import Entry, call_if_present, write_events, write_layout
 from gradwatch.sinks.flow import LOG10_RANGE, FlowPlot, GradientFlow, matplotlib_available
@@ -52,19 +51,19 @@ from gradwatch.sinks.schema import (
     layer_tag,
 )
 
-_STOP = object()
 _WRITER_QUEUE = 1024  # events SummaryWriter buffers: a flush's events never wait for the disk
 _WRITER_FLUSH_S = 10  # seconds between file flushes (what a live dashboard lags at most)
-_PUT_TIMEOUT_S = 60.0
-_CLOSE_TIMEOUT_S = 120.0
 
 
 class TensorBoardSink(Sink):
     """Writes flush records to TensorBoard.
 
     By default a single background thread does the writing (building protos, rendering the
-    gradient-flow image, encoding, file I/O); :meth:`write` only enqueues the record (a bounded
-    queue). :meth:`close` drains the queue and flushes the writer. A failure of the writer (disk
+    gradient-flow image, encoding, file I/O); :meth:`write` only hands the record over and never
+    waits (:class:`~gradwatch.sinks.background.BackgroundWriter`). A writer that falls behind by
+    more than ``backlog_bytes`` of records loses the oldest waiting ones (one warning; the count is
+    :attr:`dropped`); :meth:`close` writes what is waiting and flushes (or closes) the writer, and
+    waits at most ``close_timeout`` seconds for a writer that hangs. A failure of the writer (disk
     full, permission denied...) stops the sink: the next :meth:`write` (or :meth:`close`) raises
     once, so the watch disables the sink with a single warning while training goes on.
 
@@ -87,7 +86,12 @@ class TensorBoardSink(Sink):
             plain colour map (False).
         image_interval: Minimum seconds between two gradient-flow images (drawing one takes tens
             of milliseconds); the last flush before :meth:`close` always gets one.
-        queue_size: Records the background queue holds before :meth:`write` waits.
+        backlog_bytes: Memory the records waiting for the background writer may hold; beyond it
+            the oldest waiting records are dropped (the newest is always kept).
+        close_timeout: Seconds :meth:`close` waits for the background writer to finish.
+
+    Attributes:
+        dropped: Records dropped because the background writer was behind.
 
     Raises:
         ValueError: Neither or both of ``logdir`` and ``writer`` given, or a bad size.
@@ -103,7 +107,8 @@ class TensorBoardSink(Sink):
         flow_range: tuple[float, float] = LOG10_RANGE,
         use_matplotlib: bool | None = None,
         image_interval: float = 5.0,
-        queue_size: int = 16,
+        backlog_bytes: int = 64 * 2**20,
+        close_timeout: float = 10.0,
     ) -> None:
         if (logdir is None) == (writer is None):
             raise ValueError("TensorBoardSink needs exactly one of logdir or writer")
@@ -118,15 +123,18 @@ class TensorBoardSink(Sink):
             raise ValueError(
                 f"flow_range must be (low, high) log10 norms with low < high, got {flow_range!r}"
             )
-        if queue_size < 1:
-            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         if not image_interval >= 0:
             raise ValueError(f"image_interval must be >= 0 seconds, got {image_interval}")
+        if backlog_bytes < 0:
+            raise ValueError(f"backlog_bytes must be >= 0, got {backlog_bytes}")
+        if not 0 <= close_timeout < math.inf:
+            raise ValueError(f"close_timeout must be >= 0 seconds, got {close_timeout}")
         self._owns_writer = writer is None
         self._writer: Any = writer
         self._error: BaseException | None = None
         self._failure_reported = False
         self._closed = False
+        self._close_timeout = close_timeout
         self._flow = GradientFlow(flow_columns)
         self._flow_range = (float(flow_range[0]), float(flow_range[1]))
         matplotlib_wanted = matplotlib_available() if use_matplotlib is None else use_matplotlib
@@ -156,18 +164,21 @@ class TensorBoardSink(Sink):
                     RuntimeWarning,
                     stacklevel=3,
                 )
-        self._queue: queue.Queue[Any] | None = None
-        self._thread: threading.Thread | None = None
+        self._background: BackgroundWriter | None = None
+        self._worker_stopped = False
         if background and self._error is None:
-            self._queue = queue.Queue(maxsize=queue_size)
-            self._thread = threading.Thread(
-                target=self._run, args=(self._queue,), name="gradwatch-tensorboard", daemon=True
+            self._background = BackgroundWriter(
+                self._write_batch, name="gradwatch-tensorboard", max_bytes=backlog_bytes
             )
-            self._thread.start()
             atexit.register(self._close_at_exit)
 
+    @property
+    def dropped(self) -> int:
+        """Records dropped so far because the background writer was behind."""
+        return self._background.dropped if self._background is not None else 0
+
     def write(self, record: FlushRecord) -> None:
-        """Writes (or enqueues) one flush record.
+        """Writes (or hands to the background writer) one flush record; never waits for it.
 
         Raises:
             RuntimeError: Once, when an earlier write failed; the sink is disabled from then on.
@@ -175,80 +186,77 @@ class TensorBoardSink(Sink):
         self._raise_if_failed()
         if self._error is not None or self._closed:
             return
-        if self._queue is None:
-            self._write_guarded(record)
-            self._write_image_guarded(final=False)
+        background = self._background
+        if background is None:
+            self._write_batch([record], final=False)
             self._raise_if_failed()
             return
-        try:
-            self._queue.put(record, timeout=_PUT_TIMEOUT_S)
-        except queue.Full:
-            self._error = RuntimeError(
-                f"the TensorBoard writer fell behind (queue full for {_PUT_TIMEOUT_S:.0f} s)"
+        dropped = background.dropped
+        background.submit(record, approximate_nbytes(record))
+        if background.dropped and not dropped:
+            warnings.warn(
+                "gradwatch: the TensorBoard writer is behind; the oldest records waiting for it "
+                "are dropped (TensorBoardSink.dropped counts them) and training continues",
+                RuntimeWarning,
+                stacklevel=4,
             )
-            self._raise_if_failed()
 
     def flush(self) -> None:
-        """Waits until every enqueued record is written, then flushes the writer."""
-        if self._queue is not None and self._thread is not None and self._thread.is_alive():
-            self._queue.join()
+        """Waits (at most ``close_timeout`` s) until every record handed over is written, then
+        flushes the writer."""
+        background = self._background
+        if (
+            background is not None
+            and not self._worker_stopped
+            and not background.wait_idle(self._close_timeout)
+        ):
+            return
         if self._error is None:
             call_if_present(self._writer, "flush")
 
     def close(self) -> None:
-        """Drains the queue, flushes the writer and closes it if the sink created it.
+        """Writes what is waiting, flushes the writer and closes it if the sink created it.
+
+        Waits at most ``close_timeout`` seconds for the background writer.
 
         Raises:
-            RuntimeError: When writing failed and the failure was not reported yet.
+            RuntimeError: When writing failed (or timed out) and was not reported yet.
         """
         if self._closed:
             return
         self._closed = True
-        if self._thread is not None:
+        if self._background is not None:
             self._stop_worker()
         else:
-            self._write_image_guarded(final=True)
-        if self._error is None:
-            try:
-                call_if_present(self._writer, "close" if self._owns_writer else "flush")
-            except Exception as error:
-                self._error = error
+            self._write_batch([], final=True)
         self._raise_if_failed()
 
     # ------------------------------------------------------------------ the writing thread
 
     def _stop_worker(self) -> None:
-        """Lets the worker write what is queued (or discard it after a failure) and end."""
-        thread, records = self._thread, self._queue
-        if thread is None or records is None:
+        """Lets the worker write what is waiting (or discard it after a failure) and end."""
+        background = self._background
+        if background is None or self._worker_stopped:
             return
-        self._thread = None
+        self._worker_stopped = True
         atexit.unregister(self._close_at_exit)
-        records.put(_STOP)
-        thread.join(timeout=_CLOSE_TIMEOUT_S)
-        if thread.is_alive() and self._error is None:
+        if not background.close(self._close_timeout) and self._error is None:
             self._error = RuntimeError(
-                f"the TensorBoard writer did not finish within {_CLOSE_TIMEOUT_S:.0f} s"
+                f"the TensorBoard writer did not finish within {self._close_timeout:g} s "
+                f"({background.waiting} record(s) not written)"
             )
 
-    def _run(self, records: queue.Queue[Any]) -> None:
-        """Writes what is queued; one gradient-flow image per batch of queued records at most."""
-        stop = False
-        while not stop:
-            batch = [records.get()]
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    batch.append(records.get_nowait())
+    def _write_batch(self, records: list[FlushRecord], final: bool) -> None:
+        """Writes records, then the gradient-flow image if due; ``final``: closes the writer."""
+        for record in records:
+            self._write_guarded(record)
+        self._write_image_guarded(final=final)
+        if final:
             try:
-                for item in batch:
-                    if item is _STOP:
-                        stop = True
-                    else:
-                        self._write_guarded(item)
-                self._write_image_guarded(final=stop)
-            finally:
-                for _ in batch:
-                    records.task_done()
+                call_if_present(self._writer, "close" if self._owns_writer else "flush")
+            except Exception as error:
+                if self._error is None:
+                    self._error = error
 
     def _close_at_exit(self) -> None:
         try:
@@ -285,8 +293,9 @@ class TensorBoardSink(Sink):
     def _raise_if_failed(self) -> None:
         if self._error is not None and not self._failure_reported:
             self._failure_reported = True
-            self._stop_worker()
-            if self._owns_writer:
+            if self._background is not None:
+                self._stop_worker()  # the worker closes the writer (a hung one: after the wait)
+            elif self._owns_writer:
                 with contextlib.suppress(Exception):  # the first error is the one to report
                     call_if_present(self._writer, "close")
             raise RuntimeError(f"TensorBoard writing failed: {self._error!r}") from self._error
