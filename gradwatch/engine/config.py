@@ -80,8 +80,8 @@ class WatchConfig:
         check_bool("check_activations", self.check_activations)
         check_bool("track_updates", self.track_updates)
         check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
-        if self.fused is not None:
-            check_bool("fused", self.fused)
+        if self.fused is not None and not isinstance(self.fused, bool):
+            raise TypeError(f"fused must be None, True or False, got {self.fused!r}")
         if self.on_alert is not None and not callable(self.on_alert):
             raise TypeError(f"on_alert must be callable or None, got {self.on_alert!r}")
         object.__setattr__(self, "detectors", tuple(self._resolve_detectors()))

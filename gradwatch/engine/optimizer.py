@@ -39,6 +39,7 @@ from torch import nn
 
 from gradwatch.engine.distributed import is_sharded
 from gradwatch.engine.hooks import InertHook
+from gradwatch.engine.transfer import to_host
 
 _MISSING = object()
 _ATTRIBUTES = ("grad_scale", "found_inf")
@@ -336,10 +337,19 @@ class StepControl:
                 # its step counts: combine with max and clamp, never add.
                 flag = torch.maximum(previous, flag.to(previous.device)).clamp(max=1.0)
             optimizer.found_inf = applied.ours["found_inf"] = flag  # type: ignore[attr-defined]
-        if host_skip is not None and bool(host_skip):  # the explicit path's one host read
+        groups = [group for group in optimizer.param_groups if "lr" in group]
+        lr_on_device = bool(groups) and all(isinstance(g["lr"], torch.Tensor) for g in groups)
+        # The explicit path's one host read per step: the skip flag and/or the LR scale together.
+        read_lr = isinstance(lr_scale, torch.Tensor) and not lr_on_device
+        read = [t for t in (host_skip, lr_scale if read_lr else None) if t is not None]
+        values = [float(v) for v in to_host([t.double() for t in read])] if read else []
+        skip_now = bool(values[0]) if host_skip is not None else False
+        if read_lr:
+            lr_scale = values[-1]
+        if skip_now:
             drop_gradients(optimizer_params(optimizer))
         if lr_scale is not None:
-            applied.lrs = _scale_lrs(optimizer, lr_scale)
+            applied.lrs = _scale_lrs(groups, lr_scale)
 
     def _restore(self) -> None:
         """Puts back everything :meth:`_apply` changed; the step is over."""
@@ -396,23 +406,23 @@ def _combine(
     return divisor, fused_skip, host_skip, lr_scale
 
 
-def _scale_lrs(
-    optimizer: torch.optim.Optimizer, scale: torch.Tensor | float
-) -> list[tuple[dict[str, Any], Any, Any]]:
-    """Scales every group's learning rate for this update; returns what to put back."""
-    groups = [group for group in optimizer.param_groups if "lr" in group]
-    if groups and all(isinstance(group["lr"], torch.Tensor) for group in groups):
+def _scale_lrs(groups: list[dict[str, Any]], scale: Any) -> list[tuple[dict[str, Any], Any, Any]]:
+    """Scales every group's learning rate for this update; returns what to put back.
+
+    A device ``scale`` scales tensor learning rates in place (same tensors, no host read); a
+    number replaces each ``lr`` by a scaled copy.
+    """
+    if isinstance(scale, torch.Tensor):
         saved = []
-        for group in groups:  # in place: same tensor, no host read (fused / capturable)
+        for group in groups:
             lr = group["lr"]
             saved.append((group, lr.clone(), lr))
-            lr.mul_(torch.as_tensor(scale).to(lr.device, lr.dtype))
+            lr.mul_(scale.to(lr.device, lr.dtype))
         return saved
-    value = float(scale)  # a float learning rate: one host read of the scale per step
     saved = [(group, group["lr"], group["lr"]) for group in groups]
-    if value != 1.0:
+    if scale != 1.0:
         for group in groups:
-            group["lr"] = group["lr"] * value
+            group["lr"] = group["lr"] * scale
     return saved
 
 
