@@ -690,9 +690,7 @@ def test_skipstep_restores_batchnorm_running_stats_poisoned_in_the_forward(fused
     # parameters, running statistics and num_batches_tracked
     expected = reference.state_dict()
     for name, value in model.state_dict().items():
-        assert torch.equal(value, expected[name]), (
-            name
-        )  # parameters, running stats, num_batches_tracked
+        assert torch.equal(value, expected[name]), name
     model.eval()
     assert torch.isfinite(model(torch.randn(4, 1, 16, 16))).all()
     watch.close()
