@@ -2,7 +2,8 @@
 
 Every variant (bare step, floor, gradwatch configurations, the baselines) trains its own copy of
 the same workload, built from the same seed, in ONE process. The variants take turns step by step
-(the order rotates every round so that no variant always runs right after the same neighbour), each
+(in a new random order every round, so that no variant always runs right after the same neighbour
+and absorbs its background work, such as a TensorBoard writer thread drawing an image), each
 step is timed with ``time.perf_counter`` (on CUDA between two ``torch.cuda.synchronize()``), and
 each variant's step time is divided by the bare step's time *of the same round*. Background load
 on a shared machine therefore hits numerator and denominator alike, and the median of the per-round
@@ -27,6 +28,7 @@ import argparse
 import contextlib
 import gc
 import math
+import random
 import statistics
 import sys
 import time
@@ -666,9 +668,12 @@ def run_paired(
                 with _collect_gradwatch_warnings(result.warnings):
                     timed_step(trainee, monitor)
         gc.collect()
+        order = random.Random(0)
         for round_index in range(rounds):
-            shift = round_index % len(running)
-            for result, trainee, monitor in running[shift:] + running[:shift]:
+            # A fresh random order every round. (A rotation keeps every variant right after the same
+            # neighbour, whose background work, e.g. a TensorBoard writer thread drawing an image
+            # after its flush, then lands on that variant's step every time.)
+            for result, trainee, monitor in order.sample(running, len(running)):
                 with _collect_gradwatch_warnings(result.warnings):
                     result.times.append(timed_step(trainee, monitor))
             if (round_index + 1) % max(1, rounds // 5) == 0:
