@@ -119,11 +119,12 @@ class RemedyInput:
 
     def flagged(self, kinds: Iterable[AlertKind]) -> torch.Tensor:
         """0-d device bool: any of ``kinds`` was detected at this step."""
-        out = torch.zeros((), dtype=torch.bool, device=self.total_now.device)
-        for kind in kinds:
-            flag = self.flags.get(kind)
-            if flag is not None:
-                out = out | flag
+        found = [self.flags[kind] for kind in kinds if kind in self.flags]
+        if not found:
+            return torch.zeros((), dtype=torch.bool, device=self.total_now.device)
+        out = found[0]
+        for flag in found[1:]:
+            out = out | flag
         return out
 
 

@@ -253,9 +253,10 @@ class ZClip(Remedy):
         mean, var, count = self.mean, self.var, self.count
         warming = count < self.warmup_steps
         std = var.sqrt()
-        z = (norm - mean) / (std + self.eps)
+        delta = norm - mean
+        z = delta / (std + self.eps)
         spike = valid & ~warming & (z > self.z_thresh)
-        threshold = mean + (self.z_thresh**2) * std / z
+        threshold = torch.addcdiv(mean, std, z, value=self.z_thresh**2)
         coef = torch.where(spike, threshold / (norm + CLIP_EPS), 1.0)
         if self.max_grad_norm is not None:
             cap = (self.max_grad_norm / (norm + CLIP_EPS)).clamp(max=1.0)
@@ -263,11 +264,10 @@ class ZClip(Remedy):
 
         clipped = torch.where(spike, threshold, norm)
         seen = count + 1  # warm-up: running population mean and variance (Welford)
-        delta = norm - mean
-        warm_mean = mean + delta / seen
-        warm_var = (var * count + delta * (norm - warm_mean)) / seen
-        ema_mean = self.alpha * mean + (1.0 - self.alpha) * clipped
-        ema_var = self.alpha * var + (1.0 - self.alpha) * (clipped - ema_mean).square()
+        warm_mean = torch.addcdiv(mean, delta, seen)
+        warm_var = torch.addcmul(var * count, delta, norm - warm_mean) / seen
+        ema_mean = mean.lerp(clipped, 1.0 - self.alpha)
+        ema_var = var.lerp((clipped - ema_mean).square(), 1.0 - self.alpha)
         self.mean = torch.where(valid, torch.where(warming, warm_mean, ema_mean), mean)
         self.var = torch.where(valid, torch.where(warming, warm_var, ema_var), var)
         self.count = torch.where(valid & warming, seen, count)
