@@ -249,7 +249,7 @@ class ZClip(Remedy):
     def decide(self, view: RemedyInput) -> Decision:
         """Clips an outlier step back toward the running mean and updates the statistics."""
         norm = view.total_now.float()
-        valid = view.obs.valid[0] & torch.isfinite(norm)
+        valid = view.obs.valid[0]  # finite gradients and loss: the total norm is finite too
         mean, var, count = self.mean, self.var, self.count
         warming = count < self.warmup_steps
         std = var.sqrt()
