@@ -29,6 +29,7 @@ closure. Every decision is consumed by the update it was armed for.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -250,6 +251,7 @@ class StepControl:
         self._sources: weakref.WeakSet[StepSource] = weakref.WeakSet()
         self._applied: _Applied | None = None
         self._prefilled = False
+        self._warned = False
         self._handles = [
             optimizer.register_step_pre_hook(_StepHook(self, StepControl._before)),
             optimizer.register_step_post_hook(_StepHook(self, StepControl._after)),
@@ -338,6 +340,14 @@ class StepControl:
                 flag = torch.maximum(previous, flag.to(previous.device)).clamp(max=1.0)
             optimizer.found_inf = applied.ours["found_inf"] = flag  # type: ignore[attr-defined]
         groups = [group for group in optimizer.param_groups if "lr" in group]
+        if lr_scale is not None and len(groups) < len(optimizer.param_groups) and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "gradwatch: some param groups of the optimizer have no 'lr'; LRBackoff leaves "
+                "them alone",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         lr_on_device = bool(groups) and all(isinstance(g["lr"], torch.Tensor) for g in groups)
         # The explicit path's one host read per step: the skip flag and/or the LR scale together.
         read_lr = isinstance(lr_scale, torch.Tensor) and not lr_on_device

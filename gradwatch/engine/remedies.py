@@ -350,7 +350,7 @@ class AGC(Remedy):
             if positions:
                 tensor_sq = view.tensor_sq_norms().clone()
                 index = torch.tensor(positions, device=tensor_sq.device)
-                tensor_sq[index] = torch.stack(sq_after).to(tensor_sq.device)
+                tensor_sq[index] = torch.stack(sq_after).to(tensor_sq.device, tensor_sq.dtype)
         return Decision(tensor_coefs=coefs, tensor_sq_norms=tensor_sq)
 
 
