@@ -2,7 +2,8 @@
 
 Every variant (bare step, floor, gradwatch configurations, the baselines) trains its own copy of
 the same workload, built from the same seed, in ONE process. The variants take turns step by step
-(the order rotates every round so that no variant always runs right after the same neighbour), each
+(in a new random order every round, so that no variant always runs right after the same neighbour
+and absorbs its background work, such as a TensorBoard writer thread drawing an image), each
 step is timed with ``time.perf_counter`` (on CUDA between two ``torch.cuda.synchronize()``), and
 each variant's step time is divided by the bare step's time *of the same round*. Background load
 on a shared machine therefore hits numerator and denominator alike, and the median of the per-round
@@ -27,6 +28,7 @@ import argparse
 import contextlib
 import gc
 import math
+import random
 import statistics
 import sys
 import time
@@ -106,11 +108,24 @@ class Workload:
     output_dim: int = 0
     lr: float = 1e-4
 
-    def instantiate(self, device: torch.device, seed: int = 0, num_batches: int = 4) -> Trainee:
-        """Builds one trainable copy; every call with the same seed gives identical weights."""
+    def instantiate(
+        self,
+        device: torch.device,
+        seed: int = 0,
+        num_batches: int = 4,
+        *,
+        fused: bool = False,
+        tensor_lr: bool = False,
+    ) -> Trainee:
+        """Builds one trainable copy; every call with the same seed gives identical weights.
+
+        ``fused`` builds ``AdamW(fused=True)``; ``tensor_lr`` passes the learning rate as a tensor
+        (float32, as CUDA's fused kernels read it).
+        """
         torch.manual_seed(seed)
         model = self.build_model().to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr)
+        lr: Any = torch.tensor(self.lr, device=device) if tensor_lr else self.lr
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=fused or None)
         generator = torch.Generator().manual_seed(seed + 1)
         batches = []
         for _ in range(num_batches):
@@ -232,11 +247,13 @@ class Variant:
         name: Row label in tables.
         make: ``make(trainee, workdir) -> Monitor``; raises :class:`Unavailable` with a reason.
         target_pp: The DESIGN.md target in percentage points over the floor, if there is one.
+        optimizer: Keyword arguments of :meth:`Workload.instantiate` (``fused``, ``tensor_lr``).
     """
 
     name: str
     make: Callable[[Trainee, Path], Monitor]
     target_pp: float | None = None
+    optimizer: dict[str, bool] = field(default_factory=dict)
 
 
 class _Bare:
@@ -262,15 +279,21 @@ class _Floor:
 
 
 class GradWatchMonitor:
-    """Drives a real ``gw.GradWatch`` the way the README tells users to."""
+    """Drives a real ``gw.GradWatch`` the way the README tells users to.
 
-    def __init__(self, trainee: Trainee, **kwargs: Any) -> None:
+    With ``read_skip=False`` the loop calls ``optimizer.step()`` on every step without reading
+    ``report.skipped`` (a fused optimizer skips inside its kernel).
+    """
+
+    def __init__(self, trainee: Trainee, read_skip: bool = True, **kwargs: Any) -> None:
         import gradwatch as gw
 
         self.watch = gw.GradWatch(trainee.model, trainee.optimizer, **kwargs)
+        self.read_skip = read_skip
 
     def after_backward(self, loss: torch.Tensor) -> bool:
-        return self.watch.step(loss=loss).skipped
+        report = self.watch.step(loss=loss)
+        return report.skipped if self.read_skip else False
 
     def close(self) -> None:
         self.watch.close()
@@ -401,6 +424,72 @@ LIGHTNING = Variant("Lightning `grad_norm` + log_dict (lower bound)", _Lightning
 ALL_VARIANTS = (BARE, FLOOR, PROBE, DEFAULT, REMEDIES, HISTOGRAMS, HANDWRITTEN, LIGHTNING)
 
 
+class _ClipGradNorm:
+    """``torch.nn.utils.clip_grad_norm_(params, 1.0)``: what clipping costs without gradwatch."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def after_backward(self, loss: torch.Tensor) -> bool:
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def _make_clip_skip(trainee: Trainee, workdir: Path) -> Monitor:
+    import gradwatch as gw
+
+    return GradWatchMonitor(
+        trainee,
+        read_skip=not trainee.optimizer.defaults.get("fused"),  # fused: the kernel skips itself
+        remedies=[gw.ZClip(), gw.SkipStep()],
+        **_tensorboard_kwargs(workdir, "clip_skip"),
+    )
+
+
+def _make_all_remedies(trainee: Trainee, workdir: Path) -> Monitor:
+    import gradwatch as gw
+
+    return GradWatchMonitor(
+        trainee,
+        read_skip=not trainee.optimizer.defaults.get("fused"),
+        remedies=[gw.ZClip(), gw.LRBackoff(), gw.SkipStep()],
+        **_tensorboard_kwargs(workdir, "all_remedies"),
+    )
+
+
+CLIP_GRAD_NORM = Variant(
+    "`torch.nn.utils.clip_grad_norm_(1.0)`", lambda trainee, workdir: _ClipGradNorm(trainee.model)
+)
+CLIP_SKIP = Variant("gradwatch default + ZClip, SkipStep", _make_clip_skip)
+FUSED = {"fused": True}
+FUSED_TENSOR_LR = {"fused": True, "tensor_lr": True}
+FUSED_VARIANTS = (
+    Variant("bare step", BARE.make, optimizer=FUSED),
+    Variant(FLOOR.name, FLOOR.make, optimizer=FUSED),
+    Variant(DEFAULT.name, DEFAULT.make, optimizer=FUSED),
+    Variant(CLIP_SKIP.name, CLIP_SKIP.make, optimizer=FUSED),
+    Variant(
+        "gradwatch default + ZClip, LRBackoff, SkipStep (tensor lr)",
+        _make_all_remedies,
+        optimizer=FUSED_TENSOR_LR,
+    ),
+    Variant(CLIP_GRAD_NORM.name, CLIP_GRAD_NORM.make, optimizer=FUSED),
+)
+"""The remedies benchmark with ``AdamW(fused=True)``: clipping and skipping inside the kernel."""
+EXPLICIT_VARIANTS = (
+    BARE,
+    FLOOR,
+    DEFAULT,
+    CLIP_SKIP,
+    Variant("gradwatch default + ZClip, LRBackoff, SkipStep", _make_all_remedies),
+    CLIP_GRAD_NORM,
+)
+"""The same with the default (non-fused) AdamW: the explicit path."""
+
+
 # ------------------------------------------------------------------------------------- measurement
 
 
@@ -471,6 +560,19 @@ def points_over(times: Sequence[float], floor: Sequence[float], bare: Sequence[f
     )
 
 
+def amortised_points_over(
+    times: Sequence[float], reference: Sequence[float], bare: Sequence[float]
+) -> float:
+    """Median over blocks of :data:`BLOCK_ROUNDS` rounds of ``(sum(t) - sum(t_ref)) / sum(t_bare)``,
+    in points of the bare step: what a variant costs beyond another one, periodic work included."""
+    size = min(BLOCK_ROUNDS, len(times))
+    blocks = [
+        (sum(times[i : i + size]) - sum(reference[i : i + size])) / sum(bare[i : i + size]) * 100
+        for i in range(0, len(times) - size + 1, size)
+    ]
+    return statistics.median(blocks) if blocks else math.nan
+
+
 def extra_microseconds(times: Sequence[float], reference: Sequence[float]) -> float:
     """Median over rounds of ``t - t_reference`` in microseconds."""
     return statistics.median((t - r) * 1e6 for t, r in zip(times, reference, strict=True))
@@ -538,15 +640,15 @@ def run_paired(
     Returns:
         Every variant's per-round times, or why it was skipped.
     """
-    if variants[0] is not BARE:
-        raise ValueError("the first variant must be the bare step")
+    if variants[0].make is not BARE.make:
+        raise ValueError("the first variant must be a bare step")
     device = device or torch.device("cpu")
     results: list[VariantResult] = []
     running: list[tuple[VariantResult, Trainee, Monitor]] = []
     for variant in variants:
         result = VariantResult(variant)
         results.append(result)
-        trainee = workload.instantiate(device)
+        trainee = workload.instantiate(device, **variant.optimizer)
         try:
             with _collect_gradwatch_warnings(result.warnings):
                 monitor = variant.make(trainee, workdir)
@@ -566,9 +668,12 @@ def run_paired(
                 with _collect_gradwatch_warnings(result.warnings):
                     timed_step(trainee, monitor)
         gc.collect()
+        order = random.Random(0)
         for round_index in range(rounds):
-            shift = round_index % len(running)
-            for result, trainee, monitor in running[shift:] + running[:shift]:
+            # A fresh random order every round. (A rotation keeps every variant right after the same
+            # neighbour, whose background work, e.g. a TensorBoard writer thread drawing an image
+            # after its flush, then lands on that variant's step every time.)
+            for result, trainee, monitor in order.sample(running, len(running)):
                 with _collect_gradwatch_warnings(result.warnings):
                     result.times.append(timed_step(trainee, monitor))
             if (round_index + 1) % max(1, rounds // 5) == 0:
@@ -593,14 +698,15 @@ def count_host_syncs(
 ) -> float:
     """Host synchronisations per step inside the variant's own work, on CUDA.
 
-    ``torch.cuda.set_sync_debug_mode("warn")`` is switched on only around ``after_backward`` (so the
-    model's own syncs, if any, are not counted) and every warning it emits is counted.
+    ``torch.cuda.set_sync_debug_mode("warn")`` is switched on only around ``after_backward`` and the
+    optimizer step (where remedies act with a fused optimizer), so the model's own syncs, if any,
+    are not counted; every warning it emits is counted. The bare step's optimizer step has none.
 
     NOT RUN on the machine these benchmarks were written on (no GPU): the code path exists so the
     same script reports it wherever CUDA is available.
     """
     device = torch.device("cuda")
-    trainee = workload.instantiate(device)
+    trainee = workload.instantiate(device, **variant.optimizer)
     monitor = variant.make(trainee, workdir)
     syncs = 0
     try:
@@ -610,12 +716,11 @@ def count_host_syncs(
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
-                    skip = monitor.after_backward(loss)
+                    trainee.finish(monitor.after_backward(loss))
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             if index >= warmup:
                 syncs += sum("synchroniz" in str(w.message).lower() for w in caught)
-            trainee.finish(skip)
     finally:
         monitor.close()
     return syncs / steps

@@ -6,7 +6,8 @@ Usage::
     python benchmarks/run.py --quick          # smoke run: every code path, noisy numbers (minutes)
     python benchmarks/run.py --only overhead scaling --output report.md
 
-Sections: paired overhead on three workloads (``bench_overhead.py``), where ``watch.step()`` spends
+Sections: paired overhead on three workloads (``bench_overhead.py``), the cost of remedies with a
+fused and a non-fused optimizer (``bench_remedies.py``), where ``watch.step()`` spends
 its time (cProfile), scaling with tensor count and size (``bench_scaling.py``), memory
 (``bench_memory.py``), and, when present, histograms (``bench_histograms.py``), distributed
 (``bench_distributed.py``) and slow or hung writers (``bench_writer.py``), which run as
@@ -27,12 +28,22 @@ from pathlib import Path
 
 import bench_memory
 import bench_overhead
+import bench_remedies
 import bench_scaling
 import torch
 from common import add_common_arguments, machine_description
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("overhead", "profile", "scaling", "memory", "histograms", "distributed", "writers")
+SECTIONS = (
+    "overhead",
+    "remedies",
+    "profile",
+    "scaling",
+    "memory",
+    "histograms",
+    "distributed",
+    "writers",
+)
 # Command lines of the benchmarks that have their own (quick, full).
 EXTERNAL = {
     "histograms": ("bench_histograms.py", ["--repeats", "3"], []),
@@ -71,6 +82,8 @@ def report(sections: list[str], quick: bool, threads: int, device: torch.device)
             print(f"== {section}", file=sys.stderr, flush=True)
             if section == "overhead":
                 body = bench_overhead.run(quick, device, workdir)
+            elif section == "remedies":
+                body = bench_remedies.run(quick, device, workdir, None, None)
             elif section == "profile":
                 body = bench_overhead.profile_probe(50 if quick else 200, device)
             elif section == "scaling":

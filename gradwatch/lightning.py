@@ -20,7 +20,6 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
 from typing_extensions import override
 
 from gradwatch.engine.alerts import Alert, GradientError
@@ -96,9 +95,12 @@ class GradWatchCallback(_CallbackBase):
       scalars of optimizer ``i`` are under ``gradwatch/optimizer_<i>/...`` in every logger.
       Without a logger nothing is written and alerts still work.
     - AMP: with ``precision="16-mixed"`` the trainer's ``GradScaler`` is used so overflow steps are
-      recognised; a fused optimizer (one that unscales inside ``step``) is unscaled by the callback
-      with ``scaler.unscale_`` before watching, as Lightning does for every other optimizer; bf16
+      recognised; the gradients of a fused optimizer (which unscales inside ``step``) are still
+      scaled when the watch runs, and their norms are divided by the scale on the device; bf16
       needs no scaler.
+    - Remedies with a fused optimizer act inside its kernel (see ``GradWatch(fused=...)``); with
+      ``Trainer(gradient_clip_val=...)`` they act explicitly, so that Lightning's clipping still
+      sees their result.
     - ``nonfinite="raise"`` stops training through the trainer: on a NaN/Inf gradient the update
       of that step is skipped, the decision is reduced over every rank (one tiny collective per
       step, only with this policy) and ``trainer.should_stop`` is set on all of them; ``fit``
@@ -130,6 +132,8 @@ class GradWatchCallback(_CallbackBase):
         exclude: Leave out the layers whose name matches.
         probe_every_n_steps: Measure the gradients at every N-th step only (not with remedies or
             ``nonfinite="raise"``).
+        fused: Where clipping and skipping act (see ``GradWatch``); None: inside a fused
+            optimizer's kernel when exact and the trainer does not clip.
         sinks: Extra sinks, written on rank 0 (with several optimizers they receive every watch's
             records and are closed once).
     """
@@ -149,6 +153,7 @@ class GradWatchCallback(_CallbackBase):
         include: NamePatterns = None,
         exclude: NamePatterns = None,
         probe_every_n_steps: int = 1,
+        fused: bool | None = None,
         sinks: Sequence[Sink] = (),
     ) -> None:
         if log_every_n_steps is not None:
@@ -166,6 +171,7 @@ class GradWatchCallback(_CallbackBase):
             include=include,
             exclude=exclude,
             probe_every_n_steps=probe_every_n_steps,
+            fused=fused,
         )
         if not isinstance(sinks, Sequence) or isinstance(sinks, str):
             raise TypeError(f"sinks must be a sequence of gradwatch sinks, got {sinks!r}")
@@ -259,7 +265,6 @@ class GradWatchCallback(_CallbackBase):
             return
         error: GradientError | None = None
         try:
-            _unscale_for_fused_optimizer(watch.scaler, optimizer)
             watch.step(global_step=trainer.global_step)
         except GradientError as raised:
             error = raised
@@ -325,6 +330,9 @@ class GradWatchCallback(_CallbackBase):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         cadence = self.log_every_n_steps or trainer.log_every_n_steps
         several = len(optimizers) > 1
+        changes: dict[str, Any] = {"log_every_n_steps": cadence}
+        if trainer.gradient_clip_val and self.config.fused is None:
+            changes["fused"] = False  # Lightning clips after the watch: it must see the result
         for index, optimizer in enumerate(optimizers):
             writer, sinks = self._outputs(trainer, index, several)
             config = self.config if index == 0 else self._template.fresh_copy()
@@ -335,7 +343,7 @@ class GradWatchCallback(_CallbackBase):
                 scaler=scaler,
                 sinks=sinks,
                 params=optimizer_params(optimizer),
-                config=config.replace(log_every_n_steps=cadence),
+                config=config.replace(**changes),
             )
             self._watches.append(watch)
             self._by_optimizer[id(optimizer)] = watch
@@ -397,19 +405,6 @@ class _WriteOnly(Sink):
     def write(self, record: FlushRecord) -> None:
         """Forwards the record."""
         self.sink.write(record)
-
-
-def _unscale_for_fused_optimizer(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
-    """Unscales the gradients of an optimizer that would unscale inside ``step`` (fused Adam...).
-
-    Lightning skips ``scaler.unscale_`` for those, so their gradients are still scaled in
-    ``on_before_optimizer_step``; after an explicit ``unscale_``, ``GradScaler.step`` tells the
-    fused kernel not to unscale again.
-    """
-    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
-        return
-    if scaler.is_enabled():
-        scaler.unscale_(optimizer)
 
 
 __all__ = ["GradWatchCallback"]

@@ -20,14 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from gradwatch.engine import distributed
 from gradwatch.engine.alerts import Alert, logger
 from gradwatch.engine.config import WatchConfig
 from gradwatch.engine.detectors import Detector
 from gradwatch.engine.engine import Engine
-from gradwatch.engine.hooks import InertHook
 from gradwatch.engine.layers import NamePatterns
 from gradwatch.engine.observation import StepReport
 from gradwatch.engine.optimizer import check_step_hooks
@@ -79,6 +77,8 @@ class GradWatch:
         probe_every_n_steps: Measure the gradients at every N-th step only (for the largest
             models); the steps in between cost almost nothing. Not with remedies or
             ``nonfinite="raise"``, which act on every step.
+        fused: Where clipping and skipping act: inside a fused optimizer's kernel when exact (None),
+            always (True; raises if the optimizer does not allow it) or never (False).
         sinks: Extra sinks (e.g. a framework logger adapter), written at every flush on rank 0.
         params: Watch only these parameters of ``model`` (e.g. one optimizer's); default every
             trainable parameter.
@@ -110,6 +110,7 @@ class GradWatch:
         include: NamePatterns = None,
         exclude: NamePatterns = None,
         probe_every_n_steps: int = 1,
+        fused: bool | None = None,
         sinks: Sequence[Sink] = (),
         params: Iterable[nn.Parameter] | None = None,
         config: WatchConfig | None = None,
@@ -127,6 +128,7 @@ class GradWatch:
             "include": include,
             "exclude": exclude,
             "probe_every_n_steps": probe_every_n_steps,
+            "fused": fused,
         }
         if config is None:
             config = WatchConfig(**options)
@@ -147,7 +149,7 @@ class GradWatch:
             from gradwatch.sinks.tensorboard import TensorBoardSink
 
             self._sinks.append(TensorBoardSink(logdir=logdir, writer=writer))
-        self._attach_handles: list[RemovableHandle] = []
+        self._attached = False
         self._warn_once = WarnOnce()
         self._closed = False
         # Steps, flushes and reads from other threads take turns (reads see whole flushes).
@@ -157,9 +159,7 @@ class GradWatch:
         # every hook removed, learning rates restored, writer threads ended).
         self._exit_hook = _ExitHook(self)
         atexit.register(self._exit_hook)
-        self._release = weakref.finalize(
-            self, _release, self.engine, self._sinks, self._attach_handles, self._exit_hook
-        )
+        self._release = weakref.finalize(self, _release, self.engine, self._sinks, self._exit_hook)
 
     # ------------------------------------------------------------------ public API
 
@@ -243,14 +243,17 @@ class GradWatch:
             raise ValueError("attach() needs the optimizer: GradWatch(model, optimizer)")
         check_step_hooks(optimizer, "attach()")
         with self._lock:
-            if not self._attach_handles and not self._closed:
-                self._attach_handles.append(optimizer.register_step_pre_hook(_AttachHook(self)))
+            if not self._attached and not self._closed:
+                self.engine.run_before_optimizer_step(_AttachHook(self))
+                self._attached = True
         return self
 
     def detach(self) -> None:
         """Removes every hook gradwatch installed (attach, forward order, activations, remedies)."""
         with self._lock:
-            _remove(self._attach_handles)
+            if self._attached:
+                self.engine.run_before_optimizer_step(None)
+                self._attached = False
             self.engine.close()
 
     def flush(self) -> list[Alert]:
@@ -415,22 +418,20 @@ _DEFAULT_OPTIONS: dict[str, Any] = {
     "include": None,
     "exclude": None,
     "probe_every_n_steps": 1,
+    "fused": None,
 }
 
 
 class _AttachHook:
-    """The optimizer step pre-hook of :meth:`GradWatch.attach` (weakly bound; inert in copies)."""
+    """What :meth:`GradWatch.attach` runs first thing in every optimizer step (weakly bound)."""
 
     def __init__(self, watch: GradWatch) -> None:
         self._watch = weakref.ref(watch)
 
-    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def __call__(self) -> None:
         watch = self._watch()
         if watch is not None:
             watch.step()
-
-    def __reduce__(self) -> tuple[type[InertHook], tuple[()]]:
-        return InertHook, ()
 
 
 class _ExitHook:
@@ -453,7 +454,6 @@ class _ExitHook:
 def _release(
     engine: Engine,
     sinks: list[Sink],
-    attach_handles: list[RemovableHandle],
     exit_hook: _ExitHook,
 ) -> None:
     """Releases a watch, once: by ``close()`` or when it is garbage-collected without it.
@@ -468,8 +468,7 @@ def _release(
     except Exception as error:
         warnings.warn(f"gradwatch: the last flush failed: {error!r}", RuntimeWarning, stacklevel=2)
         record = None
-    _remove(attach_handles)
-    engine.close()
+    engine.close()  # removes every hook, the attached step included
     if record is not None:
         _write(sinks, record)
         for alert in record.new_alerts:
@@ -504,12 +503,6 @@ def _write(sinks: list[Sink], record: FlushRecord) -> None:
 def _log(alert: Alert) -> None:
     log = {"info": logger.info, "warning": logger.warning, "error": logger.error}
     log[alert.severity]("%s", alert)
-
-
-def _remove(handles: list[RemovableHandle]) -> None:
-    for handle in handles:
-        handle.remove()
-    handles.clear()
 
 
 def _check_frontend_arguments(

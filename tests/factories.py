@@ -66,11 +66,13 @@ def remedy_input(
     grads: tuple[list[nn.Parameter], list[torch.Tensor]] = ([], []),
 ) -> RemedyInput:
     """What a remedy sees for ``obs`` (one step), with the given detection flags."""
-    host = dict(flags or {})
+    total = torch.tensor(total_now) if total_now is not None else obs.totals[0]
     return RemedyInput(
         obs=obs,
-        flags={kind: torch.tensor(value) for kind, value in host.items()},
-        total_now=torch.tensor(total_now) if total_now is not None else obs.totals[0],
+        flags={kind: torch.tensor(value) for kind, value in (flags or {}).items()},
+        total_now=total,
         grads=lambda: grads,
-        host_flags=lambda: host,
+        grad_factor=None,
+        tensor_sq_norms=lambda: torch.stack([g.float().square().sum() for g in grads[1]]),
+        total_norm=lambda norm_type: total,
     )

@@ -1,14 +1,17 @@
-"""Test helpers: float64 reference norms and a host-sync spy."""
+"""Test helpers: float64 reference norms, a host-sync spy, a scripted detector."""
 
 from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
+from gradwatch.engine.alerts import AlertKind
+from gradwatch.engine.detectors import Detector
+from gradwatch.engine.observation import Detection, Observation
 from gradwatch.engine.records import FlushRecord
 from gradwatch.sinks.base import Sink
 
@@ -74,3 +77,20 @@ class RecordingSink(Sink):
 
     def close(self) -> None:
         self.closed = True
+
+
+class FiresAt(Detector):
+    """Test detector: fires its kind at the chosen steps, nowhere else."""
+
+    def __init__(self, kind: AlertKind, steps: Iterable[int]) -> None:
+        super().__init__()
+        self.kind = kind  # type: ignore[misc]
+        self.steps = set(steps)
+
+    def observe(self, obs: Observation) -> Detection:
+        device = self.layout.device
+        fired = torch.tensor(obs.steps[0] in self.steps, device=device)
+        return Detection(fired=fired, value=torch.zeros((), device=device))
+
+    def message(self, value: float, layers: tuple[str, ...]) -> str:
+        return "test detection"

@@ -177,7 +177,7 @@ def test_a_watch_dropped_without_close_flushes_and_releases_everything(tmp_path)
         log_every_n_steps=10,
     ).attach()
     train(model, watch, 13, optimizer, attached=True)
-    watch.engine._lr_source.set(0.5)  # type: ignore[union-attr]  # backed off when dropped
+    watch.engine._source.arm(lr_scale=0.5)  # type: ignore[union-attr]  # backed off when dropped
     threads = [t for t in threading.enumerate() if t.name == "gradwatch-tensorboard"]
     assert len(threads) == 1
     dropped = weakref.ref(watch)

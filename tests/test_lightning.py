@@ -437,6 +437,33 @@ def test_amp_gradients_are_watched_unscaled_with_the_trainer_scaler(
     assert torch.isfinite(after).all() and not torch.equal(after, before)
 
 
+@pytest.mark.filterwarnings("ignore:.*AMP with fp16 is not supported on CPU")
+def test_remedies_act_inside_a_fused_optimizer_under_cpu_mixed_precision(tmp_path: Path) -> None:
+    """On CPU "16-mixed" is bfloat16 without a scaler: the optimizer step runs the closure (and the
+    watch) after its pre-hooks, and the kernel still reads the clip divisor and the skip flag."""
+    model = NaNAtStep(_small_net(), bad_step=2)
+    model.optimizer_name = "fused_adam"
+    callback = GradWatchCallback(
+        detectors=(), remedies=[gw.ClipNorm(0.01), gw.SkipStep()], log_every_n_steps=1
+    )
+    trainer = _trainer(tmp_path, [callback], max_steps=5, precision="16-mixed")
+    trainer.fit(model, _loader())
+
+    assert callback.watch.engine.fused
+    optimizer = trainer.optimizers[0]
+    assert int(optimizer.state[model.net[0].weight]["step"]) == 4  # step 2 skipped in the kernel
+    assert model.updates[2] == 0.0 and all(u > 0 for i, u in enumerate(model.updates) if i != 2)
+    assert torch.isfinite(_flat_params(model)).all()
+    assert "grad_scale" not in optimizer.__dict__ and "found_inf" not in optimizer.__dict__
+
+
+def test_trainer_gradient_clipping_keeps_the_remedies_explicit(tmp_path: Path) -> None:
+    model = Regression(_small_net(), lr=1e-3, optimizer="fused_adam")
+    callback = GradWatchCallback(detectors=(), remedies=[gw.ClipNorm(1.0)])
+    _trainer(tmp_path, [callback], max_steps=2, gradient_clip_val=0.5).fit(model, _loader())
+    assert callback.watch is not None and not callback.watch.engine.fused
+
+
 # ---------------------------------------------------------------------- several optimizers
 
 

@@ -20,29 +20,10 @@ from torch import nn
 
 import gradwatch as gw
 from gradwatch.engine.alerts import AlertKind
-from gradwatch.engine.detectors import Detector
-from gradwatch.engine.observation import Detection, Observation
-from tests.helpers import count_syncs
-from tests.zoo import regression_data, wide_gelu_mlp
+from tests.helpers import FiresAt, count_syncs
+from tests.zoo import regression_data, small_cnn, wide_gelu_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class FiresAt(Detector):
-    """Test detector: fires its kind at the chosen steps, nowhere else."""
-
-    def __init__(self, kind: AlertKind, steps: Any) -> None:
-        super().__init__()
-        self.kind = kind  # type: ignore[misc]
-        self.steps = set(steps)
-
-    def observe(self, obs: Observation) -> Detection:
-        device = self.layout.device
-        fired = torch.tensor(obs.steps[0] in self.steps, device=device)
-        return Detection(fired=fired, value=torch.zeros((), device=device))
-
-    def message(self, value: float, layers: tuple[str, ...]) -> str:
-        return "test detection"
 
 
 def _watch(model: nn.Module, remedies: list[gw.Remedy], **kwargs: Any) -> gw.GradWatch:
@@ -73,23 +54,49 @@ def _total(grads: list[torch.Tensor]) -> float:
 # ----------------------------------------------------------------------------- ClipNorm
 
 
+class HeadFirst(nn.Module):
+    """Registered head first, run last: ``model.parameters()`` order is not the forward order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(16, 3)
+        self.body = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.GELU())
+        self.stem = nn.Linear(8, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.stem(x)))
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    integer = {4: torch.int32, 8: torch.int64}[a.element_size()]
+    return int((a.view(integer).long() - b.view(integer).long()).abs().max())
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("max_norm", [0.05, 1.0, 1e6])
-def test_clipnorm_equals_clip_grad_norm(max_norm: float) -> None:
+def test_clipnorm_equals_clip_grad_norm(
+    max_norm: float, dtype: torch.dtype, norm_type: float
+) -> None:
+    """The same total and coefficient bit for bit; float64 gradients bit for bit, the others
+    within one ulp (divided by ``1 / coef``, as the fused kernels do)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    model = HeadFirst().to(dtype)
     twin = copy.deepcopy(model)
-    x = torch.randn(32, 8)
-    watch = _watch(model, [gw.ClipNorm(max_norm)])
+    x = torch.randn(32, 8, dtype=dtype)
+    watch = _watch(model, [gw.ClipNorm(max_norm, norm_type=norm_type)])
     for step in range(3):
         for m in (model, twin):
             m.zero_grad()
-            m(x * (step + 1)).pow(2).sum().backward()
+            m(x * 10**step).pow(2).sum().backward()
         report = watch.step()
-        expected_total = torch.nn.utils.clip_grad_norm_(twin.parameters(), max_norm)
-        for ours, theirs in zip(model.parameters(), twin.parameters(), strict=True):
-            torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-6, atol=0.0)
-        expected_coef = min(1.0, max_norm / (float(expected_total) + 1e-6))
-        assert float(report.clip_coef) == pytest.approx(expected_coef, rel=1e-6)
+        total = torch.nn.utils.clip_grad_norm_(twin.parameters(), max_norm, norm_type=norm_type)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        assert report.clip_coef is not None and report.clip_coef.dtype == dtype
+        assert torch.equal(report.clip_coef, coef)
+        pairs = zip(model.parameters(), twin.parameters(), strict=True)
+        worst = max(_ulps(a.grad, b.grad) for a, b in pairs)  # type: ignore[arg-type]
+        assert worst <= (0 if dtype == torch.float64 else 1), (step, worst)
     if max_norm < 1.0:
         assert float(report.clip_coef) < 0.1  # the test clips for real
 
@@ -217,6 +224,50 @@ def test_zclip_leaves_calm_gradients_untouched_and_cuts_a_spike_near_the_mean() 
     assert after == pytest.approx(mean, rel=0.05)  # a 100x spike is cut back near the mean
 
 
+def _zclip_package(norms: list[float], max_grad_norm: float, warmup: int = 25) -> list[float]:
+    """The reference ``zclip`` package (1.0.0, defaults alpha 0.97, z_thresh 2.5, eps 1e-6): its
+    ``ZClip.step`` transcribed, the coefficient it multiplies the gradients by."""
+    alpha, z_thresh, eps = 0.97, 2.5, 1e-6
+    buffer: list[float] = []
+    mean = var = None
+    coefs = []
+    for norm in norms:
+        if mean is None:
+            buffer.append(norm)
+            if len(buffer) >= warmup:
+                mean = sum(buffer) / len(buffer)
+                var = sum((b - mean) ** 2 for b in buffer) / len(buffer)
+            coefs.append(min(1.0, max_grad_norm / (norm + 1e-6)))  # clip_grad_norm_
+            continue
+        assert var is not None
+        std = var**0.5
+        z = (norm - mean) / (std + eps)
+        clip_val = mean + (z_thresh * std) / (z / z_thresh) if z > z_thresh else None
+        effective = min(clip_val if clip_val is not None else norm, max_grad_norm)
+        coefs.append(effective / (norm + 1e-6) if norm > effective else 1.0)
+        update = clip_val if clip_val is not None else norm
+        mean = alpha * mean + (1 - alpha) * update
+        var = alpha * var + (1 - alpha) * (update - mean) ** 2
+    return coefs
+
+
+@pytest.mark.parametrize("level", [0.3, 3.0], ids=["below-cap", "above-cap"])
+def test_zclip_max_grad_norm_reproduces_the_reference_package_defaults(level: float) -> None:
+    generator = torch.Generator().manual_seed(4)
+    rng = np.random.default_rng(4)
+    norms = list(level * (1.0 + 0.1 * rng.standard_normal(120)))
+    for step in (40, 41, 70, 95):
+        norms[step] *= 8.0
+    model = nn.Linear(5, 3)
+    watch = _watch(model, [gw.ZClip(max_grad_norm=1.0)])
+    expected = _zclip_package(norms, max_grad_norm=1.0)
+    for norm, coef in zip(norms, expected, strict=True):
+        _set_grads(model, norm, generator)
+        assert float(watch.step().clip_coef) == pytest.approx(coef, rel=1e-5, abs=1e-7)
+    clipped = sum(c < 1.0 for c in expected)
+    assert clipped == 120 if level > 1.0 else 4 <= clipped <= 8  # all above the cap; else spikes
+
+
 # ----------------------------------------------------------------------------- AGC
 
 
@@ -285,6 +336,128 @@ def test_agc_matches_reference_on_conv_and_linear(
     assert {"0.weight", "3.weight"} <= changed  # Conv2d and Linear weights both clipped
     ratio = _total(_grads(model)) / _total(list(before.values()))
     assert float(report.clip_coef) == pytest.approx(ratio, rel=1e-4)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block with torch's MultiheadAttention (``out_proj`` never runs)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """The root owns ``cls_token`` and ``pos_embed`` (so it finishes its forward last)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.patch = nn.Linear(12, dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, dim) * 0.02)
+        self.blocks = nn.Sequential(Block(dim), Block(dim))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+class TinyGPT(nn.Module):
+    """A language model whose head is tied to the token embedding (it owns no parameter)."""
+
+    def __init__(self, dim: int = 16, vocab: int = 40, as_dict: bool = False) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(8, dim)
+        self.blocks = nn.Sequential(Block(dim), Block(dim))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+        self.as_dict = as_dict
+
+    def forward(self, idx: torch.Tensor) -> Any:
+        h = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        logits = self.lm_head(self.ln_f(self.blocks(h)))
+        if self.as_dict:  # Hugging Face style: the loss comes first, the logits win
+            return {"loss": logits.logsumexp(-1).mean(), "logits": logits}
+        return logits
+
+
+class Tempered(nn.Module):
+    """A classifier whose logits are divided by a learnt temperature owned by the root."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(12, 16), nn.ReLU())
+        self.head = nn.Linear(16, 5)
+        self.temperature = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.head(self.body(x)).float() / self.temperature).view(len(x), -1)
+
+
+class TwoHeads(nn.Module):
+    """A detector-style model with two heads returned as a tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(12, 16), nn.ReLU())
+        self.cls, self.box = nn.Linear(16, 5), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        return self.cls(h), self.box(h)
+
+
+def _output_of(output: Any) -> torch.Tensor:
+    if isinstance(output, dict):
+        return output["logits"]
+    if isinstance(output, tuple):
+        return torch.cat([o.flatten() for o in output])
+    return output
+
+
+@pytest.mark.parametrize(
+    ("make", "inputs", "head"),
+    [
+        (lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5)), "x", {"2"}),
+        (TinyViT, "patches", {"head"}),
+        (TinyGPT, "tokens", {"wte"}),
+        (lambda: TinyGPT(as_dict=True), "tokens", {"wte"}),
+        (Tempered, "x", {"head"}),
+        (TwoHeads, "x", {"cls", "box"}),
+    ],
+    ids=["mlp", "vit", "tied-lm", "tied-lm-dict", "temperature", "two-heads"],
+)
+def test_agc_leaves_exactly_the_output_layer_unclipped(
+    make: Callable[[], nn.Module], inputs: str, head: set[str]
+) -> None:
+    torch.manual_seed(0)
+    model = make()
+    batch = {
+        "x": torch.randn(6, 12),
+        "patches": torch.randn(6, 4, 12),
+        "tokens": torch.randint(0, 40, (6, 8)),
+    }[inputs]
+    watch = _watch(model, [gw.AGC(clipping=0.01)])
+    (_output_of(model(batch)).pow(2).mean() * 1e6).backward()  # every unit far past the limit
+    before = {name: p.grad.clone() for name, p in model.named_parameters()}  # type: ignore[union-attr]
+    watch.step()
+    untouched = {
+        name.rpartition(".")[0]
+        for name, p in model.named_parameters()
+        if torch.equal(p.grad, before[name]) and before[name].abs().sum() > 0  # type: ignore[arg-type]
+    }
+    assert untouched == head
+    watch.close()
 
 
 # ----------------------------------------------------------------------------- LRBackoff
@@ -478,6 +651,61 @@ def test_skipstep_on_spike_skips_only_flagged_steps() -> None:
         skipped.append(watch.step().skipped)
         optimizer.zero_grad()
     assert skipped == [False, False, True, False, True, False]
+
+
+def _bn_run(
+    fused: bool, skip: str, bad_step: int = 2, steps: int = 5, **kwargs: Any
+) -> tuple[nn.Module, gw.GradWatch | None]:
+    """``zoo.small_cnn`` on fixed batches; the batch of ``bad_step`` holds a NaN. ``skip``:
+    "remedy" (SkipStep), "never-seen" (the reference: that batch is never used) or "none"."""
+    torch.manual_seed(0)
+    model = small_cnn()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn(8, 1, 16, 16, generator=generator) for _ in range(steps)]
+    batches[bad_step][3, 0, 5, 5] = math.nan
+    targets = torch.arange(8) % 10
+    watch = None
+    if skip != "never-seen":
+        remedies = [gw.SkipStep()] if skip == "remedy" else []
+        watch = gw.GradWatch(model, optimizer, remedies=remedies, **kwargs)
+    for step, x in enumerate(batches):
+        if skip == "never-seen" and step == bad_step:
+            continue
+        nn.functional.cross_entropy(model(x), targets).backward()
+        if watch is not None:
+            watch.step()
+        optimizer.step()  # the watch skips the poisoned update itself
+        optimizer.zero_grad()
+    return model, watch
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
+def test_skipstep_restores_batchnorm_running_stats_poisoned_in_the_forward(fused: bool) -> None:
+    """A NaN in the input batch poisons BatchNorm's running mean/var before any gradient exists;
+    the skipped step puts them back: bit for bit a run that never saw the batch."""
+    model, watch = _bn_run(fused, "remedy")
+    reference, _ = _bn_run(fused, "never-seen")
+    assert watch is not None and watch.engine.fused is fused
+    # parameters, running statistics and num_batches_tracked
+    expected = reference.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    model.eval()
+    assert torch.isfinite(model(torch.randn(4, 1, 16, 16))).all()
+    watch.close()
+    assert not any(a.kind is AlertKind.NONFINITE_BUFFERS for a in watch.alerts)
+
+
+def test_poisoned_running_stats_are_reported_naming_the_layers() -> None:
+    model, watch = _bn_run(True, "none", log_every_n_steps=2)
+    assert watch is not None
+    watch.close()
+    alerts = [a for a in watch.alerts if a.kind is AlertKind.NONFINITE_BUFFERS]
+    assert len(alerts) == 1  # once per episode, not at every flush
+    assert alerts[0].layers == ("1", "4") and alerts[0].severity == "error"
+    assert "evaluation" in alerts[0].message and any("SkipStep" in a for a in alerts[0].advice)
+    assert not torch.isfinite(model[1].running_mean).all()
 
 
 # ----------------------------------------------------------------------------- composition, state

@@ -24,6 +24,8 @@ class AlertKind(str, enum.Enum):
     DEAD_UNITS = "dead_units"
     STAGNATION = "stagnation"
     AMP_OVERFLOW = "amp_overflow"
+    NONFINITE_BUFFERS = "nonfinite_buffers"
+    """Running statistics of normalisation layers (BatchNorm...) are NaN/Inf: evaluation breaks."""
 
 
 SEVERITIES = ("info", "warning", "error")

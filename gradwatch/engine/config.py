@@ -50,6 +50,10 @@ class WatchConfig:
             a multiple of N); the other steps cost almost nothing. Detectors see the probed steps
             (their patience and warm-up count probed steps) and are told the cadence at
             ``bind``. Remedies and ``nonfinite="raise"`` act on every step, so they need 1.
+        fused: Where clipping and skipping remedies act: inside a fused optimizer's kernel
+            (``grad_scale``/``found_inf``: no extra pass, no host read) when it is exact to do so
+            (None), always (True: the watch raises if the optimizer does not allow it), or never
+            (False: one pass over the gradients, the skip flag read on the host).
     """
 
     log_every_n_steps: int = 50
@@ -64,6 +68,7 @@ class WatchConfig:
     include: NamePatterns = None
     exclude: NamePatterns = None
     probe_every_n_steps: int = 1
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         check_int("log_every_n_steps", self.log_every_n_steps, minimum=1)
@@ -75,6 +80,8 @@ class WatchConfig:
         check_bool("check_activations", self.check_activations)
         check_bool("track_updates", self.track_updates)
         check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        if self.fused is not None and not isinstance(self.fused, bool):
+            raise TypeError(f"fused must be None, True or False, got {self.fused!r}")
         if self.on_alert is not None and not callable(self.on_alert):
             raise TypeError(f"on_alert must be callable or None, got {self.on_alert!r}")
         object.__setattr__(self, "detectors", tuple(self._resolve_detectors()))

@@ -13,7 +13,7 @@ what to do with records, alerts and errors.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,16 +48,24 @@ from gradwatch.engine.observation import (
     finite,
 )
 from gradwatch.engine.optimizer import (
-    ScaleSource,
+    StepSource,
+    check_step_hooks,
+    clip_,
+    clip_divisor,
     drop_gradients,
-    lr_scaling,
+    fused_blocker,
+    loss_scale_in_gradients,
     optimizer_params,
+    owns_step_hooks,
+    step_source,
     unwrap_optimizer,
 )
-from gradwatch.engine.probe import GradientProbe, scale_
+from gradwatch.engine.output_layer import OutputCapture, output_layers
+from gradwatch.engine.probe import GradientProbe
 from gradwatch.engine.profile import ModelProfile
 from gradwatch.engine.records import FlushRecord
 from gradwatch.engine.remedies import Remedy
+from gradwatch.engine.running_stats import RunningStats
 from gradwatch.engine.text import format_layers
 from gradwatch.engine.thresholds import AMP_PERSISTENT_STEPS
 from gradwatch.engine.transfer import to_host
@@ -95,8 +103,13 @@ class Engine:
         scaler: The AMP ``GradScaler``, so overflow steps are recognised.
         params: Watch only these parameters of ``model``; default every trainable parameter.
 
+    Attributes:
+        fused: Clipping and skipping act inside the optimizer's fused kernel (``grad_scale`` and
+            ``found_inf``, no pass over the gradients, no host read); else explicitly.
+
     Raises:
-        ValueError: No trainable parameter to watch, or a remedy needs the missing optimizer.
+        ValueError: No trainable parameter to watch, a remedy needs the missing optimizer, or
+            ``fused=True`` with an optimizer that does not allow it.
     """
 
     def __init__(
@@ -146,11 +159,19 @@ class Engine:
         self._order = ForwardOrder(layers, self.model)
         self._structure = self._current_structure(layers)
         self._recheck = False  # the previous step failed: look for a changed model
-        self._lr_source: ScaleSource | None = (
-            lr_scaling(self.optimizer)
-            if self.optimizer is not None and any(r.scales_lr for r in self.remedies)
-            else None
-        )
+        self.fused = self._fused_path()
+        self._source: StepSource | None = None
+        if self.optimizer is not None and owns_step_hooks(self.optimizer):
+            self._source = step_source(self.optimizer)
+        elif self.optimizer is not None:  # e.g. DeepSpeed's: skipping drops the gradients here
+            for remedy in self.remedies:
+                if remedy.scales_lr:
+                    check_step_hooks(self.optimizer, f"{type(remedy).__name__} (an LR remedy)")
+        self._running_stats = RunningStats(self.model, restore=any(r.skips for r in self.remedies))
+        needs_output = any(r.needs_output_layer for r in self.remedies)
+        self._output_capture = OutputCapture(self.model) if needs_output else None
+        self._output_params: frozenset[int] | None = None
+        self._registration = list(self.model.parameters())
         self._warn_once = WarnOnce()
         for pattern in unused_patterns:
             self._warn_once(
@@ -162,7 +183,7 @@ class Engine:
         self._fingerprint: list[tuple[weakref.ref[torch.Tensor], int]] | None = None
         # Layout-dependent parts, rebuilt by ``_relayout``.
         device = self.layout.device
-        self.probe = GradientProbe(layers, device)
+        self.probe = GradientProbe(layers, device, self._registration)
         self.history = NormHistory(self.config.history_window, len(layers), device)
         self.histograms = (
             GradientHistograms(self.layout) if self.config.histogram_every_n_steps else None
@@ -256,6 +277,10 @@ class Engine:
         flush_due = (step + 1) // cadence > self.step_count // cadence  # reached/passed a multiple
 
         sq_norms, has_grad = probe.grad_sq_norms(pattern)
+        loss_scale = loss_scale_in_gradients(self.scaler, self.optimizer)
+        if loss_scale is not None:  # AMP not unscaled yet (a fused kernel unscales): true norms
+            scale = loss_scale.to(sq_norms.device, sq_norms.dtype)
+            sq_norms = sq_norms / scale / scale
         norms = sq_norms.sqrt()
         total = sq_norms.sum().sqrt()
         if flush_due or self._weights_stale:
@@ -303,23 +328,29 @@ class Engine:
                 nonfinite_now if previous is None else previous | nonfinite_now
             )
         if self.config.nonfinite == "raise" and self._host_flags(flags)[AlertKind.NONFINITE]:
+            if self._source is not None:
+                self._source.arm()  # nothing armed from an earlier step applies to this one
             self.history.write(step, norms, total, None, 1.0)
             self.step_count = step + 1
             record = self.flush()
             if record is not None:
                 records += (record,)
             return StepOutcome(StepReport(step=step), records, GradientError(self._error(step)))
-        clip_coef, skip, lr_scale = self._apply_remedies(obs, pattern, flags)
-        self._previous_applied = ~overflow & (self._false if skip else self._true)
+        clip_coef, skip, lr_scale = self._apply_remedies(obs, pattern, flags, loss_scale)
+        self._previous_applied = ~overflow & (~skip if skip is not None else self._true)
         self.history.write(step, norms, total, clip_coef, lr_scale)
         histogram_every = self.config.histogram_every_n_steps
         if self.histograms is not None and step % histogram_every < self.config.probe_every_n_steps:
-            params, grads = probe.grads(pattern) if not skip else ([], [])
+            params, grads = probe.grads(pattern)
             self._histogram_rows.append((step, self.histograms.compute(params, grads, sq_norms)))
         self.step_count = step + 1
         self._fingerprint = fingerprint
         report = StepReport(
-            step=step, skipped=skip, total_norm=total, clip_coef=clip_coef, lr_scale=lr_scale
+            step=step,
+            skipped=skip if skip is not None else False,
+            total_norm=total,
+            clip_coef=clip_coef,
+            lr_scale=lr_scale if lr_scale is not None else 1.0,
         )
         record = self.flush() if flush_due else None
         if record is not None:
@@ -379,6 +410,8 @@ class Engine:
         if self._overflow_rows:
             tensors.append(torch.stack(self._overflow_rows))
         tensors += [h for _, h in self._histogram_rows]
+        if self._running_stats:
+            tensors.append(self._running_stats.nonfinite())
         host = iter(to_host(tensors))
         norms, scalars, weight_norms = next(host), next(host), next(host)
         update_ratio = next(host) if self._update_ratio is not None else None
@@ -390,7 +423,7 @@ class Engine:
             if self.histograms is not None
             for name, hist in self.histograms.decode(next(host))
         ]
-        lr_scales = np.asarray(history.pending_lr_scales, dtype=np.float32)
+        bad_stats = next(host) if self._running_stats else None
         history.commit(norms, scalars)
         for pending in self._pending:
             pending.clear()
@@ -404,13 +437,15 @@ class Engine:
             alert = self._alert_from_rows(detector, steps, det_rows)
             if alert is not None:
                 new_alerts.append(alert)
+        if bad_stats is not None and bad_stats.any():
+            new_alerts += self._running_stats_alert(int(steps[-1]), bad_stats)
         record = FlushRecord(
             layer_names=self.layer_names,
             steps=steps,
             grad_norms=norms,
             total_norms=scalars[:, 0],
             clip_coefs=scalars[:, 1] if self.clips else None,
-            lr_scales=lr_scales if self.scales_lr else None,
+            lr_scales=scalars[:, 2] if self.scales_lr else None,
             weight_norms=weight_norms,
             update_ratios=update_ratio,
             histograms=histograms,
@@ -430,13 +465,23 @@ class Engine:
         """The flushed window: ``"step"`` and one norm array per layer."""
         return self.history.as_dict(self.layer_names)
 
+    def run_before_optimizer_step(self, callback: Callable[[], None] | None) -> None:
+        """Calls ``callback`` first thing in every ``optimizer.step()`` (before the remedies'
+        decisions are applied there): ``GradWatch.attach``. None stops it."""
+        if self._source is None:
+            raise ValueError("running before the optimizer step needs the optimizer")
+        self._source.before_step = callback
+
     def close(self) -> None:
-        """Removes every hook and restores the learning rates; the engine records nothing more."""
+        """Removes every hook and restores the optimizer; the engine records nothing more."""
         self._order.remove()
         if self.activations is not None:
             self.activations.remove()
-        if self._lr_source is not None:
-            self._lr_source.close()
+        if self._source is not None:
+            self._source.close()
+        self._running_stats.remove()
+        if self._output_capture is not None:
+            self._output_capture.remove()
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-value state (flush first): step counter, history, alerts, statistics."""
@@ -564,7 +609,21 @@ class Engine:
         self.profile = ModelProfile.inspect(
             self.model, self.optimizer, remedies=self.remedies, scaler=self.scaler
         )
+        self._registration = list(self.model.parameters())
         self._relayout(merge_order(self.layout.names, layers), activation_names)
+        self._rescan_remedy_parts()
+
+    def _rescan_remedy_parts(self) -> None:
+        """What the remedies need of a model that changed: where they act (the parameters may
+        have moved or changed dtype), its normalisation layers, its output layer."""
+        try:
+            self.fused = self._fused_path()
+        except ValueError as error:  # fused=True, and the changed model no longer allows it
+            self.fused = False
+            self._warn_once("fused-lost", f"gradwatch: {error}; the remedies act explicitly")
+        self._running_stats.remove()
+        self._running_stats = RunningStats(self.model, restore=any(r.skips for r in self.remedies))
+        self._output_params = None  # found again (from the last Linear-like layer to run)
 
     def _relayout(
         self, layers: list[Layer], activation_names: tuple[str, ...] | None = None
@@ -576,7 +635,7 @@ class Engine:
             activation_names = self.layout.activation_names
         self.layout = Layout.build(layers, activation_names)
         device = self.layout.device
-        self.probe = GradientProbe(layers, device)
+        self.probe = GradientProbe(layers, device, self._registration)
         self.history = self.history.remapped([previous.get(layer.name) for layer in layers], device)
         if self.histograms is not None:
             self.histograms = GradientHistograms(self.layout)
@@ -663,34 +722,54 @@ class Engine:
         values = to_host([distributed.all_reduce_max_(stacked)])[0]
         return {kind: bool(value) for kind, value in zip(kinds, values, strict=True)}
 
+    def _fused_path(self) -> bool:
+        """Whether clipping and skipping act inside the optimizer's kernel (``fused=``)."""
+        wanted = self.config.fused
+        if wanted is False:
+            return False
+        if self.optimizer is None:
+            if wanted:
+                raise ValueError("fused=True needs the optimizer: GradWatch(model, optimizer)")
+            return False
+        blocker = fused_blocker(self.optimizer, self.layout.params)
+        if wanted and blocker is not None:
+            raise ValueError(f"fused=True, but remedies cannot act inside the kernel: {blocker}")
+        return blocker is None
+
     def _apply_remedies(
-        self, obs: Observation, pattern: tuple[int, ...], flags: dict[AlertKind, torch.Tensor]
-    ) -> tuple[torch.Tensor | None, bool, float]:
-        """Asks every remedy in order and applies the decisions: one pass over the gradients for
-        all the clipping coefficients together, AGC's per-tensor factors where it stands."""
+        self,
+        obs: Observation,
+        pattern: tuple[int, ...],
+        flags: dict[AlertKind, torch.Tensor],
+        loss_scale: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | float | None]:
+        """Asks every remedy in order and applies (or arms) their decisions.
+
+        Global clipping coefficients multiply into one, applied last: by the fused kernel
+        (``grad_scale``) or by one pass over the gradients (:func:`clip_`). AGC's per-tensor factors
+        are multiplied in where it stands. Skip flags and LR scales are armed for the optimizer
+        step. Returns the clip coefficient, the skip flag and the LR scale (device tensors).
+        """
+        source = self._source
         if not self.remedies:
-            return None, False, 1.0
-        probe = self.probe
-        host: list[dict[AlertKind, bool]] = []
-
-        def host_flags() -> dict[AlertKind, bool]:
-            if not host:
-                host.append(self._host_flags(flags))
-            return host[0]
-
-        def grads() -> tuple[list[nn.Parameter], list[torch.Tensor]]:
-            return probe.grads(pattern)
-
-        total_now = obs.totals[0]
-        pending: torch.Tensor | None = None  # clipping not yet multiplied into the gradients
+            return None, None, None
+        if distributed.is_distributed() and any(r.skips or r.scales_lr for r in self.remedies):
+            flags = self._flags_of_all_ranks(flags)
+        state = _RemedyPass(self.probe, pattern, obs.totals[0], loss_scale)
         clip_coef: torch.Tensor | None = None
-        skip = False
-        lr_scale = 1.0
+        skip: torch.Tensor | None = None
+        lr_scale: torch.Tensor | float | None = None
         for remedy in list(self.remedies):
-            if remedy.reads_gradients and pending is not None:
-                scale_(grads()[1], pending)
-                pending = None
-            view = RemedyInput(obs, flags, total_now, grads, host_flags)
+            view = RemedyInput(
+                obs,
+                flags,
+                state.total_now,
+                state.grads,
+                state.factor(),
+                state.tensor_sq_norms,
+                state.total_norm,
+                self._output_layer_params() if remedy.needs_output_layer else frozenset(),
+            )
             try:
                 decision = remedy.decide(view)
             except Exception as error:  # one broken remedy never stops the others
@@ -702,34 +781,79 @@ class Engine:
                 )
                 continue
             if decision.tensor_coefs:
-                with torch.no_grad():
-                    for grad, factor in decision.tensor_coefs:
-                        grad.mul_(factor)
-                sq, _ = probe.grad_sq_norms(pattern)
-                after = sq.sum().sqrt()
-                ratio = torch.where(total_now > 0, after / total_now, 1.0)
+                ratio = state.multiply(decision.tensor_coefs, decision.tensor_sq_norms)
                 clip_coef = ratio if clip_coef is None else clip_coef * ratio
-                total_now = after
             if decision.clip_coef is not None:
-                coef = decision.clip_coef.float()
-                pending = coef if pending is None else pending * coef
+                coef = decision.clip_coef
+                state.clip(coef)
                 clip_coef = coef if clip_coef is None else clip_coef * coef
-                total_now = total_now * coef
-            skip = skip or decision.skip
+            if decision.skip is not None:
+                flag = torch.as_tensor(decision.skip, device=self.layout.device).to(torch.bool)
+                skip = flag if skip is None else skip | flag
             if decision.lr_scale is not None:
-                lr_scale *= decision.lr_scale
-        if pending is not None:
-            scale_(grads()[1], pending)
-        if skip:
-            params = (
-                optimizer_params(self.optimizer)
-                if self.optimizer is not None
-                else self.layout.params
-            )
-            drop_gradients(params)
-        if self._lr_source is not None:
-            self._lr_source.set(lr_scale)
+                factor = decision.lr_scale
+                lr_scale = factor if lr_scale is None else lr_scale * factor
+        divisor = None
+        if state.pending is not None:
+            if self.fused:
+                divisor = clip_divisor(state.pending)
+            else:
+                clip_(state.grads()[1], state.pending)
+        if source is not None:
+            source.arm(divisor=divisor, skip=skip, fused=self.fused, lr_scale=lr_scale)
+        elif skip is not None and self.optimizer is not None and bool(skip):  # no step hooks
+            drop_gradients(optimizer_params(self.optimizer))
+        if skip is not None:
+            self._running_stats.restore_where(skip)
         return clip_coef, skip, lr_scale
+
+    def _flags_of_all_ranks(
+        self, flags: dict[AlertKind, torch.Tensor]
+    ) -> dict[AlertKind, torch.Tensor]:
+        """This step's flags OR-ed over ranks (one small collective, on the device)."""
+        kinds = list(flags)
+        if not kinds:
+            return flags
+        stacked = distributed.all_reduce_max_(torch.stack([flags[k] for k in kinds]).float())
+        return {kind: stacked[index] > 0 for index, kind in enumerate(kinds)}
+
+    def _output_layer_params(self) -> frozenset[int]:
+        """Parameters of the output layer(s), found once (see ``output_layer``)."""
+        if self._output_params is None:
+            capture = self._output_capture
+            roots = capture.take() if capture is not None else []
+            layers = list(self.layout.layers)
+            found = output_layers(roots, layers)
+            self._output_params = frozenset(id(p) for i in found for p in layers[i].params)
+        return self._output_params
+
+    def _running_stats_alert(self, step: int, bad: np.ndarray) -> list[Alert]:
+        names = tuple(n for n, b in zip(self._running_stats.names, bad, strict=True) if b > 0.5)
+        restores = any(r.skips for r in self.remedies)
+        alert = Alert(
+            kind=AlertKind.NONFINITE_BUFFERS,
+            step=step,
+            layers=names,
+            value=float(len(names)),
+            threshold=0.0,
+            severity="error",
+            message=(
+                f"the running statistics of {len(names)} normalisation layer(s) are NaN/Inf: "
+                "a forward pass poisoned them, and evaluation (model.eval()) will output NaN"
+            ),
+            advice=(
+                (
+                    "skip poisoned steps with gw.SkipStep(): it also restores these statistics"
+                    if not restores
+                    else "add the detection that saw the poisoned step to gw.SkipStep(on=...)"
+                ),
+                "reload the running statistics from a checkpoint or recompute them on clean "
+                "batches (torch.optim.swa_utils.update_bn)",
+                "look for NaN/Inf in the input batches",
+            ),
+        )
+        recorded = self.book.record(alert, step, 1)
+        return [recorded] if recorded is not None else []
 
     def _grad_fingerprint(
         self, pattern: tuple[int, ...]
@@ -873,3 +997,77 @@ def _few(names: list[str]) -> str:
 def _scaler_enabled(scaler: Any) -> bool:
     is_enabled = getattr(scaler, "is_enabled", None)
     return bool(is_enabled()) if callable(is_enabled) else True
+
+
+class _RemedyPass:
+    """What the remedies of one step have done so far (see ``Engine._apply_remedies``).
+
+    Global clipping is kept ``pending`` (applied last, once); per-tensor factors are multiplied in
+    at once and the per-tensor norms they report replace the probe's.
+    """
+
+    def __init__(
+        self,
+        probe: GradientProbe,
+        pattern: tuple[int, ...],
+        total: torch.Tensor,
+        loss_scale: torch.Tensor | None,
+    ) -> None:
+        self.probe = probe
+        self.pattern = pattern
+        self.total_now = total
+        self.loss_scale = loss_scale
+        self.pending: torch.Tensor | None = None
+        self._tensor_sq: torch.Tensor | None = None  # None: the probe's (gradients unchanged)
+
+    def grads(self) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
+        """The parameters with a gradient and their (local) gradients."""
+        return self.probe.grads(self.pattern)
+
+    def factor(self) -> torch.Tensor | None:
+        """Stored gradients times this are the gradients the next remedy reasons about."""
+        factor = self.pending
+        if self.loss_scale is not None:
+            inverse = 1.0 / self.loss_scale.to(self.total_now.device)
+            factor = inverse if factor is None else factor * inverse
+        return factor
+
+    def tensor_sq_norms(self) -> torch.Tensor:
+        """``[P]`` squared norms of the stored gradients."""
+        if self._tensor_sq is not None:
+            return self._tensor_sq
+        return self.probe.tensor_sq_norms(self.pattern)
+
+    def total_norm(self, norm_type: float) -> torch.Tensor:
+        """The total norm of the gradients the next remedy reasons about, as clip_grad_norm_."""
+        if norm_type == 2.0 and self._tensor_sq is not None:
+            total = self._tensor_sq.sum().sqrt()
+        else:
+            total = self.probe.total_norm(self.pattern, norm_type)
+        factor = self.factor()
+        return total if factor is None else total * factor.abs().to(total.device)
+
+    def clip(self, coef: torch.Tensor) -> None:
+        """A global coefficient: pending until the end."""
+        self.pending = coef if self.pending is None else self.pending * coef
+        self.total_now = self.total_now * coef
+
+    def multiply(
+        self, tensor_coefs: list[tuple[torch.Tensor, torch.Tensor]], sq_after: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Multiplies per-tensor factors in; returns the ratio of total norms after/before."""
+        with torch.no_grad():
+            for grad, coef in tensor_coefs:
+                grad.mul_(coef)
+        if sq_after is None or self.probe.sharded:  # measure again (all-reduced when sharded)
+            sq, _ = self.probe.grad_sq_norms(self.pattern)
+            self._tensor_sq = None
+        else:
+            sq = sq_after
+            self._tensor_sq = sq_after
+        stored = sq.sum().sqrt()
+        factor = self.factor()
+        after = stored if factor is None else stored * factor.abs()
+        ratio = torch.where(self.total_now > 0, after / self.total_now, 1.0)
+        self.total_now = after
+        return ratio

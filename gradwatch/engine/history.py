@@ -7,7 +7,8 @@ import torch
 
 
 class NormHistory:
-    """The last ``window`` steps of per-layer gradient norms, total norm and clip coefficient.
+    """The last ``window`` steps of per-layer gradient norms, total norm, clip coefficient and
+    learning-rate scale.
 
     Rows are written on the device every step (no sync). :meth:`pending` returns the rows written
     since the last flush as device tensors, ready to be packed into the one host transfer, and
@@ -23,9 +24,9 @@ class NormHistory:
         self.window = window
         self.num_layers = num_layers
         self._norms = torch.full((window, num_layers), float("nan"), device=device)
-        self._scalars = torch.full((window, 2), float("nan"), device=device)  # total, clip coef
+        # total norm, clip coefficient, learning-rate scale
+        self._scalars = torch.full((window, 3), float("nan"), device=device)
         self._steps: list[int] = []  # steps of rows not yet committed
-        self._lr_scales: list[float] = []
         self._written = 0  # rows written since the start
         self.host_steps = np.zeros(0, dtype=np.int64)
         self.host_norms = np.zeros((0, num_layers), dtype=np.float32)
@@ -39,9 +40,9 @@ class NormHistory:
         norms: torch.Tensor,
         total: torch.Tensor,
         clip_coef: torch.Tensor | None,
-        lr_scale: float,
+        lr_scale: torch.Tensor | float | None,
     ) -> None:
-        """Stores one step's values (device-side copies, no sync)."""
+        """Stores one step's values (device-side copies, no sync); None means 1."""
         row = self._written % self.window
         self._norms[row].copy_(norms)
         self._scalars[row, 0].copy_(total)
@@ -49,11 +50,14 @@ class NormHistory:
             self._scalars[row, 1].fill_(1.0)
         else:
             self._scalars[row, 1].copy_(clip_coef)
+        if isinstance(lr_scale, torch.Tensor):
+            self._scalars[row, 2].copy_(lr_scale)
+        else:
+            self._scalars[row, 2].fill_(1.0 if lr_scale is None else lr_scale)
         self._steps.append(step)
-        self._lr_scales.append(lr_scale)
         self._written += 1
         if len(self._steps) > self.window:  # never committed (no flush yet): keep the newest
-            del self._steps[0], self._lr_scales[0]
+            del self._steps[0]
 
     @property
     def num_pending(self) -> int:
@@ -65,13 +69,9 @@ class NormHistory:
         """Step numbers of the rows written since the last commit."""
         return list(self._steps)
 
-    @property
-    def pending_lr_scales(self) -> list[float]:
-        """Learning-rate scales of the rows written since the last commit."""
-        return list(self._lr_scales)
-
     def pending(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Device views of the pending rows, oldest first: norms ``[k, L]``, scalars ``[k, 2]``."""
+        """Device views of the pending rows, oldest first: norms ``[k, L]``, scalars ``[k, 3]``
+        (total norm, clip coefficient, learning-rate scale)."""
         k = len(self._steps)
         end = self._written % self.window
         start = (self._written - k) % self.window
@@ -91,10 +91,8 @@ class NormHistory:
         self.host_norms = np.concatenate([self.host_norms, norms])[-keep:]
         self.host_total = np.concatenate([self.host_total, scalars[:, 0]])[-keep:]
         self.host_clip = np.concatenate([self.host_clip, scalars[:, 1]])[-keep:]
-        lr = np.asarray(self._lr_scales, dtype=np.float32)
-        self.host_lr_scale = np.concatenate([self.host_lr_scale, lr])[-keep:]
+        self.host_lr_scale = np.concatenate([self.host_lr_scale, scalars[:, 2]])[-keep:]
         self._steps.clear()
-        self._lr_scales.clear()
 
     def remapped(self, columns: list[int | None], device: torch.device) -> NormHistory:
         """A history whose column ``j`` continues this one's column ``columns[j]`` (``None``: a new
@@ -146,6 +144,6 @@ class NormHistory:
             self._norms[:k].copy_(torch.from_numpy(self.host_norms).to(device))
             self._scalars[:k, 0].copy_(torch.from_numpy(self.host_total).to(device))
             self._scalars[:k, 1].copy_(torch.from_numpy(self.host_clip).to(device))
+            self._scalars[:k, 2].copy_(torch.from_numpy(self.host_lr_scale).to(device))
         self._written = k
         self._steps.clear()
-        self._lr_scales.clear()

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gradwatch.engine.distributed import all_reduce_sum_, is_sharded, local_part, replica_weight
+from gradwatch.engine.distributed import (
+    all_reduce_max_,
+    all_reduce_sum_,
+    is_sharded,
+    local_part,
+    replica_weight,
+)
 from gradwatch.engine.layers import Layer
 
 _DENSE, _SPARSE = 1, 2
@@ -23,6 +29,8 @@ class _Plan:
     layer_index: torch.Tensor  # [len(present)] layer of each value, in concatenation order
     weights: torch.Tensor | None  # replica weights in concatenation order (sharded models only)
     has_grad: torch.Tensor  # [L] bool
+    in_present_order: torch.Tensor  # [len(present)] concatenation index of each present tensor
+    in_torch_order: torch.Tensor  # concatenation indices in ``clip_grad_norm_``'s order
 
 
 class GradientProbe:
@@ -33,12 +41,23 @@ class GradientProbe:
     a per-tensor norm. Per-tensor squares are summed into layers with ``index_add_``. Everything
     stays on the home device; sharded (DTensor) models are all-reduced once per call.
 
+    The per-tensor norms of the last :meth:`grad_sq_norms` call are kept (in the precision they
+    were computed in), so remedies get per-tensor and ``clip_grad_norm_``-exact total norms without
+    another pass (:meth:`tensor_sq_norms`, :meth:`total_norm`).
+
     Args:
         layers: The layers, in the order their values are reported.
         device: The home device where results live.
+        registration: The model's parameters in registration order (``model.parameters()``), the
+            order ``clip_grad_norm_`` sums in; default the layers' order.
     """
 
-    def __init__(self, layers: list[Layer], device: torch.device) -> None:
+    def __init__(
+        self,
+        layers: list[Layer],
+        device: torch.device,
+        registration: list[nn.Parameter] | None = None,
+    ) -> None:
         self.device = device
         self.num_layers = len(layers)
         self.params: list[nn.Parameter] = [p for layer in layers for p in layer.params]
@@ -47,6 +66,9 @@ class GradientProbe:
         self._weights = [replica_weight(p) for p in self.params] if self.sharded else None
         self._plans: dict[tuple[int, ...], _Plan] = {}
         self._foreach_ok = True
+        rank = {id(p): i for i, p in enumerate(registration or ())}
+        self._rank = [rank.get(id(p), len(rank) + i) for i, p in enumerate(self.params)]
+        self._last: tuple[_Plan, list[torch.Tensor]] | None = None  # last gradient norms
 
     def grad_pattern(self) -> tuple[int, ...]:
         """Which parameters have a gradient now (0 none, 1 dense, 2 sparse)."""
@@ -62,23 +84,59 @@ class GradientProbe:
     def grad_sq_norms(self, pattern: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-layer sums of squares of the current gradients, and the per-layer has-grad mask."""
         plan = self._plan(pattern)
-        params = self.params
-        if self.sharded:
-            tensors = [local_part(params[i].grad) for i in plan.present]  # type: ignore[arg-type]
+        parts = self._norm_parts(plan, self._grad_tensors(plan), 2.0)
+        self._last = (plan, parts)
+        return self._sum_squares(plan, parts), plan.has_grad
+
+    def tensor_sq_norms(self, pattern: tuple[int, ...]) -> torch.Tensor:
+        """``[P]`` float32 squared norms of the local gradients of the last :meth:`grad_sq_norms`
+        call, in the order of :meth:`grads` (no pass over the gradients)."""
+        plan = self._plan(pattern)
+        parts = self._last[1] if self._last is not None and self._last[0] is plan else None
+        if parts is None:
+            parts = self._norm_parts(plan, self._grad_tensors(plan), 2.0)
+        return _flat(parts, torch.float32)[plan.in_present_order].square()
+
+    def total_norm(self, pattern: tuple[int, ...], norm_type: float) -> torch.Tensor:
+        """The total ``norm_type`` norm of the current gradients, as ``clip_grad_norm_`` forms it.
+
+        Per-tensor norms in the gradients' precision (float32 for lower precisions), taken in
+        ``model.parameters()`` order grouped by device and dtype, then the norm of their stack:
+        bit for bit ``torch.nn.utils.clip_grad_norm_``'s total for float32 and float64 models. The
+        L2 norms of the last :meth:`grad_sq_norms` call are reused; another norm costs one read of
+        the gradients. Sharded models: the norm of the full gradients (one collective).
+
+        Args:
+            pattern: The gradient pattern of this step.
+            norm_type: ``2.0`` or ``inf``.
+        """
+        plan = self._plan(pattern)
+        last = self._last
+        if norm_type == 2.0 and last is not None and last[0] is plan:
+            parts = last[1]
         else:
-            tensors = [params[i].grad for i in plan.present]  # type: ignore[misc]
-        return self._reduce(plan, tensors), plan.has_grad
+            parts = self._norm_parts(plan, self._grad_tensors(plan), norm_type)
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
+        flat = _flat(parts, dtype)
+        if not self.sharded:
+            return torch.linalg.vector_norm(flat[plan.in_torch_order], norm_type)
+        if norm_type == 2.0:
+            sq = flat.square()
+            sq = sq * plan.weights if plan.weights is not None else sq
+            return all_reduce_sum_(sq.sum()).sqrt()
+        return all_reduce_max_(flat.max() if flat.numel() else flat.new_zeros(()))
 
     def weight_sq_norms(self) -> torch.Tensor:
         """Per-layer sums of squares of the parameters themselves."""
         plan = self._plan((_DENSE,) * len(self.params))
         with torch.no_grad():
             tensors = [local_part(p.detach()) for p in self.params]
-            return self._reduce(plan, tensors)
+            return self._sum_squares(plan, self._norm_parts(plan, tensors, 2.0))
 
     def reduce_tensors(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """Per-layer sums of squares of arbitrary tensors shaped like the (local) parameters."""
-        return self._reduce(self._plan((_DENSE,) * len(self.params)), tensors)
+        plan = self._plan((_DENSE,) * len(self.params))
+        return self._sum_squares(plan, self._norm_parts(plan, tensors, 2.0))
 
     def grads(self, pattern: tuple[int, ...]) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
         """Parameters with a gradient and their local gradient tensors."""
@@ -86,21 +144,35 @@ class GradientProbe:
         params = [self.params[i] for i in plan.present]
         return params, [local_part(p.grad) for p in params]  # type: ignore[arg-type]
 
-    def _reduce(self, plan: _Plan, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def _grad_tensors(self, plan: _Plan) -> list[torch.Tensor]:
+        params = self.params
+        if self.sharded:
+            return [local_part(params[i].grad) for i in plan.present]  # type: ignore[arg-type]
+        return [params[i].grad for i in plan.present]  # type: ignore[misc]
+
+    def _norm_parts(
+        self, plan: _Plan, tensors: list[torch.Tensor], norm_type: float
+    ) -> list[torch.Tensor]:
+        """Per-tensor norms, one tensor per (device, dtype) group then the sparse ones, on the
+        home device, in the precision they were computed in (concatenation order)."""
         parts = []
         for group in plan.groups:
             members = tensors if len(group) == len(tensors) else [tensors[j] for j in group]
-            norms = torch.stack(self._foreach_norms(members))
-            if norms.device != self.device or norms.dtype != torch.float32:
-                norms = norms.to(self.device, torch.float32, non_blocking=True)
+            norms = torch.stack(self._foreach_norms(members, norm_type))
+            if norms.device != self.device:
+                norms = norms.to(self.device, non_blocking=True)
             parts.append(norms)
         if plan.sparse:
-            sparse = torch.stack([_sparse_norm(tensors[j]) for j in plan.sparse])
-            parts.append(sparse.to(self.device, torch.float32, non_blocking=True))
+            sparse = torch.stack([_sparse_norm(tensors[j], norm_type) for j in plan.sparse])
+            parts.append(sparse.to(self.device, non_blocking=True))
+        return parts
+
+    def _sum_squares(self, plan: _Plan, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per-layer sums of squares from per-tensor L2 norms."""
         sq = torch.zeros(self.num_layers, device=self.device, dtype=torch.float32)
         if not parts:
             return sq
-        values = (parts[0] if len(parts) == 1 else torch.cat(parts)).square()
+        values = _flat(parts, torch.float32).square()
         if plan.weights is not None:
             values = values * plan.weights
         sq.index_add_(0, plan.layer_index, values)
@@ -109,15 +181,15 @@ class GradientProbe:
         return sq
 
     def _foreach_norms(
-        self, tensors: list[torch.Tensor]
+        self, tensors: list[torch.Tensor], norm_type: float
     ) -> list[torch.Tensor] | tuple[torch.Tensor, ...]:
         dtype = accumulation_dtype(tensors[0].dtype)
         if self._foreach_ok:
             try:
-                return torch._foreach_norm(tensors, 2, dtype=dtype)
+                return torch._foreach_norm(tensors, norm_type, dtype=dtype)
             except (RuntimeError, TypeError, NotImplementedError):
                 self._foreach_ok = False  # e.g. a backend without foreach kernels
-        return [torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]
+        return [torch.linalg.vector_norm(t, norm_type, dtype=dtype) for t in tensors]
 
     def _plan(self, pattern: tuple[int, ...]) -> _Plan:
         plan = self._plans.get(pattern)
@@ -147,7 +219,26 @@ class GradientProbe:
             )
         has_grad = torch.zeros(self.num_layers, dtype=torch.bool, device=self.device)
         has_grad[layer_index] = True
-        return _Plan(present, groups, sparse, layer_index, weights, has_grad)
+        concat_index = {pos: i for i, pos in enumerate(order)}
+        in_present_order = [concat_index[pos] for pos in range(len(present))]
+        # clip_grad_norm_ groups the gradients by (device, dtype) in the order of the parameters
+        # given (first seen first) and sums group by group
+        by_rank = sorted(range(len(present)), key=lambda pos: self._rank[present[pos]])
+        torch_groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for pos in by_rank:
+            grad = self.params[present[pos]]
+            torch_groups.setdefault((grad.device, grad.dtype), []).append(concat_index[pos])
+        in_torch_order = [i for members in torch_groups.values() for i in members]
+        return _Plan(
+            present,
+            groups,
+            sparse,
+            layer_index,
+            weights,
+            has_grad,
+            torch.tensor(in_present_order, dtype=torch.long, device=self.device),
+            torch.tensor(in_torch_order, dtype=torch.long, device=self.device),
+        )
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype | None:
@@ -158,9 +249,16 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype | None:
     return torch.float32
 
 
-def _sparse_norm(tensor: torch.Tensor) -> torch.Tensor:
+def _sparse_norm(tensor: torch.Tensor, norm_type: float) -> torch.Tensor:
     values = tensor.coalesce().values()
-    return torch.linalg.vector_norm(values, dtype=accumulation_dtype(values.dtype))
+    return torch.linalg.vector_norm(values, norm_type, dtype=accumulation_dtype(values.dtype))
+
+
+def _flat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The per-tensor norms of every group as one vector of ``dtype``."""
+    if len(parts) == 1:
+        return parts[0].to(dtype)
+    return torch.cat([part.to(dtype) for part in parts])
 
 
 def group_by_device_dtype(tensors: list[torch.Tensor]) -> list[list[int]]:
@@ -169,13 +267,3 @@ def group_by_device_dtype(tensors: list[torch.Tensor]) -> list[list[int]]:
     for index, tensor in enumerate(tensors):
         groups.setdefault((tensor.device, tensor.dtype), []).append(index)
     return list(groups.values())
-
-
-def scale_(tensors: list[torch.Tensor], coef: torch.Tensor) -> None:
-    """Multiplies every tensor in place by the 0-d ``coef`` (on the device, no sync).
-
-    One ``torch._foreach_mul_`` per (device, dtype) group, as ``clip_grad_norm_`` does.
-    """
-    for group in group_by_device_dtype(tensors):
-        members = [tensors[i] for i in group]
-        torch._foreach_mul_(members, coef.to(members[0].device, members[0].dtype))

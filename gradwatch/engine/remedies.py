@@ -2,18 +2,27 @@
 
 A remedy reads a :class:`~gradwatch.engine.observation.RemedyInput` (the step, this step's
 detection flags, and the total norm after the remedies before it) and returns a
-:class:`~gradwatch.engine.observation.Decision`; the engine applies the decisions. The clipping
-remedies (:class:`ClipNorm`, :class:`AutoClip`, :class:`ZClip`, :class:`AGC`) decide on the device
-only: their coefficients are computed and clamped there and multiplied in unconditionally, like
-``torch.nn.utils.clip_grad_norm_``, so they add no host synchronisation. :class:`LRBackoff` and
-:class:`SkipStep` decide on the host and read this step's detection flags with one small transfer
-per step (shared between them).
+:class:`~gradwatch.engine.observation.Decision`; the engine applies the decisions. Every decision
+is made on the device, from device tensors: no remedy reads a value on the host. Where the engine
+applies them (``Engine`` and :mod:`gradwatch.engine.optimizer`):
+
+* with a fused ``Adam``/``AdamW``/``SGD`` (``fused=True``), the clipping of :class:`ClipNorm`,
+  :class:`AutoClip`, :class:`ZClip` and the global part of :class:`AGC` is one divisor and
+  :class:`SkipStep` one flag that the optimizer's kernel reads (``grad_scale``, ``found_inf``): no
+  extra pass over the gradients, no host read. :class:`AGC`'s unit-wise factors are one value per
+  output unit, which no single scalar carries: they keep their pass;
+* with any other optimizer, the clipping is one pass over the gradients (like
+  ``clip_grad_norm_``) and a skipped step is enforced by dropping the gradients after one host read
+  of the flag, inside ``optimizer.step()``;
+* :class:`LRBackoff` scales the learning rate in place on the device when every group's ``lr`` is
+  a tensor (fused/capturable optimizers accept one), else after one host read of the scale per
+  step.
 
 Example:
     >>> import torch, gradwatch as gw
     >>> model = torch.nn.Linear(4, 1)
-    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    >>> watch = gw.GradWatch(model, optimizer, remedies=[gw.AutoClip(), gw.LRBackoff()])
+    >>> optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    >>> watch = gw.GradWatch(model, optimizer, remedies=[gw.ZClip(), gw.SkipStep()])
 """
 
 from __future__ import annotations
@@ -51,16 +60,16 @@ class Remedy(Component):
         clips: Its decisions scale the gradients (``clip_coef`` is reported).
         scales_lr: Its decisions scale the learning rate (``lr_scale`` is reported).
         skips: Its decisions may skip the update.
-        reads_gradients: It looks at individual gradient tensors (the engine applies the pending
-            clipping of earlier remedies first).
         needs_optimizer: It acts on the optimizer (``GradWatch`` requires one).
+        needs_output_layer: It reads :attr:`RemedyInput.output_params` (the engine then finds the
+            output layer from the first forward's autograd graph).
     """
 
     clips: ClassVar[bool] = False
     scales_lr: ClassVar[bool] = False
     skips: ClassVar[bool] = False
-    reads_gradients: ClassVar[bool] = False
     needs_optimizer: ClassVar[bool] = False
+    needs_output_layer: bool = False
 
     def decide(self, view: RemedyInput) -> Decision:
         """This remedy's decision for one step."""
@@ -70,36 +79,43 @@ class Remedy(Component):
 class ClipNorm(Remedy):
     """Fixed total-norm clipping, numerically ``torch.nn.utils.clip_grad_norm_``.
 
-    Reuses the total L2 norm the probe already measured (no second pass over the gradients):
-    ``coef = clamp(max_norm / (total_norm + 1e-6), max=1)``, computed on the device and multiplied
-    into every gradient. No host synchronisation.
+    The total norm is formed as ``clip_grad_norm_`` forms it, from per-tensor norms in the
+    gradients' own precision in ``model.parameters()`` order (bit for bit its total for float32 and
+    float64 models), reusing the L2 norms the probe already measured: no second pass for
+    ``norm_type=2`` (``inf`` costs one read of the gradients). The coefficient ``clamp(max_norm /
+    (total + 1e-6), max=1)`` is computed on the device and applied unconditionally: no host
+    synchronisation. Float64 gradients are multiplied by it (bit for bit ``clip_grad_norm_``);
+    lower precisions are divided by ``1 / coef``, as the fused optimizers' kernels do (within one
+    ulp of ``clip_grad_norm_``'s product).
 
     Example:
         >>> clip = ClipNorm(max_norm=1.0)
 
     Args:
         max_norm: Largest total gradient norm allowed; > 0.
-        norm_type: Only ``2.0`` (the norm the probe measures).
+        norm_type: ``2.0`` or ``inf``, as in ``clip_grad_norm_``.
 
     Raises:
-        ValueError: ``max_norm`` not positive and finite, or ``norm_type`` other than 2.
+        ValueError: ``max_norm`` not positive and finite, or another ``norm_type``.
     """
 
     clips = True
 
-    def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
+    def __init__(self, max_norm: float, norm_type: float | str = 2.0) -> None:
         super().__init__()
         self.max_norm = check_number("max_norm", max_norm, low=0.0)
-        norm = check_number("norm_type", norm_type, low=0.0, finite=False)
-        if norm != 2.0:
-            raise ValueError(
-                f"norm_type must be 2.0 (ClipNorm reuses the L2 norms gradwatch measures), "
-                f"got {norm_type!r}"
-            )
+        try:
+            norm = float(norm_type)
+        except (TypeError, ValueError):
+            norm = math.nan
+        if norm not in (2.0, math.inf) or isinstance(norm_type, bool):
+            raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type!r}")
+        self.norm_type = norm
 
     def decide(self, view: RemedyInput) -> Decision:
         """Scales the gradients so that their total norm is at most ``max_norm``."""
-        coef = (self.max_norm / (view.total_now.float() + CLIP_EPS)).clamp(max=1.0)
+        total = view.total_norm(self.norm_type)
+        coef = (self.max_norm / (total + CLIP_EPS)).clamp(max=1.0)
         return Decision(clip_coef=coef)
 
 
@@ -183,6 +199,12 @@ class ZClip(Remedy):
     Calm steps are left exactly as they are; non-finite steps are neither clipped nor counted.
     Everything stays on the device: no host synchronisation.
 
+    ``max_grad_norm`` adds a fixed cap on every valid step, warm-up included (the statistics still
+    see the uncapped norm), as the reference implementation (the ``zclip`` package) does. Its
+    default there is ``max_grad_norm=1.0``, which makes it "clip every step to 1.0, plus z-score
+    spike clipping"; here the default is None, z-score spike clipping only. Pass
+    ``max_grad_norm=1.0`` to reproduce the package's defaults.
+
     Example:
         >>> clip = ZClip(alpha=0.97, z_thresh=2.5, warmup_steps=25)
 
@@ -191,6 +213,7 @@ class ZClip(Remedy):
         z_thresh: z-score above which a step is clipped; > 0.
         warmup_steps: Valid steps used to initialise mean and variance; >= 1.
         eps: Added to the standard deviation in the z-score; > 0.
+        max_grad_norm: Largest total norm allowed on any step (> 0), or None for no cap.
 
     Raises:
         ValueError: An argument outside its range.
@@ -202,13 +225,23 @@ class ZClip(Remedy):
     count: torch.Tensor
 
     def __init__(
-        self, alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25, eps: float = 1e-6
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        warmup_steps: int = 25,
+        eps: float = 1e-6,
+        max_grad_norm: float | None = None,
     ) -> None:
         super().__init__()
         self.alpha = check_number("alpha", alpha, low=0.0, high=1.0, high_open=True)
         self.z_thresh = check_number("z_thresh", z_thresh, low=0.0)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=1)
         self.eps = check_number("eps", eps, low=0.0)
+        self.max_grad_norm = (
+            check_number("max_grad_norm", max_grad_norm, low=0.0)
+            if max_grad_norm is not None
+            else None
+        )
         self.add_state("mean", 0.0, "scalar")
         self.add_state("var", 0.0, "scalar")
         self.add_state("count", 0.0, "scalar")  # valid warm-up steps seen
@@ -216,22 +249,25 @@ class ZClip(Remedy):
     def decide(self, view: RemedyInput) -> Decision:
         """Clips an outlier step back toward the running mean and updates the statistics."""
         norm = view.total_now.float()
-        valid = view.obs.valid[0] & torch.isfinite(norm)
+        valid = view.obs.valid[0]  # finite gradients and loss: the total norm is finite too
         mean, var, count = self.mean, self.var, self.count
         warming = count < self.warmup_steps
         std = var.sqrt()
-        z = (norm - mean) / (std + self.eps)
+        delta = norm - mean
+        z = delta / (std + self.eps)
         spike = valid & ~warming & (z > self.z_thresh)
-        threshold = mean + (self.z_thresh**2) * std / z
+        threshold = torch.addcdiv(mean, std, z, value=self.z_thresh**2)
         coef = torch.where(spike, threshold / (norm + CLIP_EPS), 1.0)
+        if self.max_grad_norm is not None:
+            cap = (self.max_grad_norm / (norm + CLIP_EPS)).clamp(max=1.0)
+            coef = torch.where(valid, torch.minimum(coef, cap), coef)
 
         clipped = torch.where(spike, threshold, norm)
         seen = count + 1  # warm-up: running population mean and variance (Welford)
-        delta = norm - mean
-        warm_mean = mean + delta / seen
-        warm_var = (var * count + delta * (norm - warm_mean)) / seen
-        ema_mean = self.alpha * mean + (1.0 - self.alpha) * clipped
-        ema_var = self.alpha * var + (1.0 - self.alpha) * (clipped - ema_mean).square()
+        warm_mean = torch.addcdiv(mean, delta, seen)
+        warm_var = torch.addcmul(var * count, delta, norm - warm_mean) / seen
+        ema_mean = mean.lerp(clipped, 1.0 - self.alpha)
+        ema_var = var.lerp((clipped - ema_mean).square(), 1.0 - self.alpha)
         self.mean = torch.where(valid, torch.where(warming, warm_mean, ema_mean), mean)
         self.var = torch.where(valid, torch.where(warming, warm_var, ema_var), var)
         self.count = torch.where(valid & warming, seen, count)
@@ -245,13 +281,24 @@ class AGC(Remedy):
     of a Conv weight) has its gradient norm limited to ``clipping * max(||w_unit||, eps)``:
     ``g_unit <- g_unit * max_norm / max(||g_unit||, 1e-6)`` when ``||g_unit|| > max_norm``, as the
     reference implementation. Vectors and scalars (biases, normalisation gains) count as one unit,
-    as in the reference. The paper leaves the final (classifier) layer unclipped; so does the
-    default ``exclude=("final",)``; add ``"vectors"`` to leave every 1-d parameter alone too.
+    as in the reference. With ``exclude=()`` this is timm's ``adaptive_clip_grad`` (which clips at
+    ``>=``, this at ``>``).
 
-    The coefficient reported as ``clip_coef`` is the ratio of total norms after/before AGC.
-    Gradients are rescaled with one ``_foreach_mul_``; the unit norms are computed per parameter,
-    on the device (no host synchronisation). With sharded parameters each rank clips the units it
-    holds (exact for dim-0 sharding, as FSDP2 uses).
+    The paper leaves the output (classifier) layer unclipped; so does the default
+    ``exclude=("final",)``. The output layer is found from the autograd graph of the first
+    training forward's output (:mod:`gradwatch.engine.output_layer`): the layer(s) owning the
+    weight of the operation that produces the output, so a ViT's classifier head is excluded (not
+    its ``cls_token``/``pos_embed``, which the root module owns), and a head tied to the embedding
+    excludes the embedding (the tied matrix). Add ``"vectors"`` to leave every 1-d parameter alone
+    too.
+
+    Cost: the factors are one value per unit, which no single scalar carries, so AGC reads the
+    weights and the gradients and multiplies the clipped gradients in place (per parameter, on the
+    device: no host synchronisation), also with a fused optimizer. The clipping of the remedies
+    before it is taken into account without being applied first, and the total norm the remedies
+    after it see is computed from the unit norms (no further pass). The coefficient reported as
+    ``clip_coef`` is the ratio of total norms after/before AGC. With sharded parameters each rank
+    clips the units it holds (exact for dim-0 sharding, as FSDP2 uses).
 
     Example:
         >>> agc = AGC(clipping=0.01, exclude=("final", "vectors"))
@@ -259,15 +306,14 @@ class AGC(Remedy):
     Args:
         clipping: The clipping factor λ; > 0.
         eps: Floor of the weight unit norm (so zero-initialised weights can still move); > 0.
-        exclude: Parameters left unclipped: ``"final"`` (the last layer in forward order) and/or
-            ``"vectors"`` (every parameter with at most one dimension).
+        exclude: Parameters left unclipped: ``"final"`` (the output layer) and/or ``"vectors"``
+            (every parameter with at most one dimension).
 
     Raises:
         ValueError: ``clipping``/``eps`` not positive, or an unknown ``exclude`` name.
     """
 
     clips = True
-    reads_gradients = True
 
     def __init__(
         self, clipping: float = 0.01, eps: float = 1e-3, exclude: Collection[str] = ("final",)
@@ -276,32 +322,36 @@ class AGC(Remedy):
         self.clipping = check_number("clipping", clipping, low=0.0)
         self.eps = check_number("eps", eps, low=0.0)
         self.exclude = check_names("exclude", exclude, _AGC_EXCLUSIONS, allow_empty=True)
-        self._excluded: set[int] = set()
-
-    def prepare(self) -> None:
-        """Finds the parameters left unclipped."""
-        layers = self.layout.layers
-        final = "final" in self.exclude and layers
-        self._excluded = {id(p) for p in layers[-1].params} if final else set()
+        self.needs_output_layer = "final" in self.exclude
 
     def decide(self, view: RemedyInput) -> Decision:
         """Clips every unit's gradient relative to its weight."""
         params, grads = view.grads()
-        coefs = []
+        excluded = view.output_params if self.needs_output_layer else frozenset()
+        factor = view.grad_factor
+        coefs, positions, sq_after = [], [], []
         with torch.no_grad():
-            for param, grad in zip(params, grads, strict=True):
+            for position, (param, grad) in enumerate(zip(params, grads, strict=True)):
                 if (
-                    id(param) in self._excluded
+                    id(param) in excluded
                     or ("vectors" in self.exclude and grad.dim() <= 1)
                     or grad.is_sparse
                 ):
                     continue
                 max_norm = _unit_norms(local_part(param.detach())).clamp(min=self.eps)
                 max_norm = max_norm * self.clipping
-                grad_norm = _unit_norms(grad)
+                stored = _unit_norms(grad)
+                grad_norm = stored if factor is None else stored * factor.abs()
                 coef = torch.where(grad_norm > max_norm, max_norm / grad_norm.clamp(min=1e-6), 1.0)
                 coefs.append((grad, coef.to(grad.dtype)))
-        return Decision(tensor_coefs=coefs)
+                positions.append(position)
+                sq_after.append((stored * coef).square().sum())
+            tensor_sq = None
+            if positions:
+                tensor_sq = view.tensor_sq_norms().clone()
+                index = torch.tensor(positions, device=tensor_sq.device)
+                tensor_sq[index] = torch.stack(sq_after).to(tensor_sq.device, tensor_sq.dtype)
+        return Decision(tensor_coefs=coefs, tensor_sq_norms=tensor_sq)
 
 
 class LRBackoff(Remedy):
@@ -320,13 +370,16 @@ class LRBackoff(Remedy):
     the slower the climb, so a run that diverged at its original rate is not driven straight back
     there. A flag during the climb backs off again and restarts the patience.
 
-    The engine applies the scale around the optimizer step (a step pre-hook multiplies each group's
+    The state machine runs on the device (every branch a ``torch.where`` on float64 scalars), and
+    the engine applies the scale around the optimizer step (a step pre-hook multiplies each group's
     ``lr``, a post-hook puts back the exact original value), so the stored learning rate is never
     changed: any ``torch.optim.lr_scheduler`` (chainable ones included) composes, and once recovered
     the learning rate is exactly the scheduler's.
 
-    Host synchronisation: reads this step's detection flags with one small transfer per step
-    (shared with :class:`SkipStep`).
+    Host synchronisation: none when every group's ``lr`` is a tensor (fused or capturable
+    ``Adam``/``AdamW``/``SGD`` accept ``lr=torch.tensor(...)``; it is scaled in place on the
+    device). With a float ``lr``, the scale is read on the host once per step, inside
+    ``optimizer.step()``.
 
     Example:
         >>> backoff = LRBackoff(factor=0.5, min_scale=1e-3)
@@ -345,11 +398,11 @@ class LRBackoff(Remedy):
 
     scales_lr = True
     needs_optimizer = True
-    level: float
-    depth: float
-    healthy_steps: int
-    since_backoff: int
-    backoffs: int
+    level: torch.Tensor
+    depth: torch.Tensor
+    healthy_steps: torch.Tensor
+    since_backoff: torch.Tensor
+    backoffs: torch.Tensor
 
     def __init__(
         self,
@@ -370,47 +423,59 @@ class LRBackoff(Remedy):
         self.on = check_names("on", on, tuple(TRIGGERS))
         self._kinds = [TRIGGERS[name] for name in self.on]
         self._max_level = math.log(self.min_scale) / math.log(self.factor)
-        self.add_state("level", 0.0)  # the scale is factor ** level
-        self.add_state("depth", 0.0)  # deepest level since the scale was last 1
-        self.add_state("healthy_steps", 0)
-        self.add_state("since_backoff", cooldown)
-        self.add_state("backoffs", 0)
+        double = torch.float64  # the scale is factor ** level, exactly as in Python floats
+        self.add_state("level", 0.0, "scalar", double)
+        self.add_state("depth", 0.0, "scalar", double)  # deepest level since the scale was 1
+        self.add_state("healthy_steps", 0, "scalar", double)
+        self.add_state("since_backoff", cooldown, "scalar", double)
+        self.add_state("backoffs", 0, "scalar", double)
 
     @property
     def scale(self) -> float:
-        """Current learning-rate scale (exactly 1.0 when not backed off)."""
-        return 1.0 if self.level == 0.0 else max(self.factor**self.level, self.min_scale)
+        """Current learning-rate scale (exactly 1.0 when not backed off); reads the device."""
+        return float(self._scale())
 
     def decide(self, view: RemedyInput) -> Decision:
         """Backs off on a flagged step, otherwise counts a healthy step and climbs back."""
-        flags = view.host_flags()
-        if any(flags.get(kind, False) for kind in self._kinds):
-            if self.since_backoff >= self.cooldown:
-                self.level = min(self.level + 1.0, self._max_level)
-                self.depth = max(self.depth, self.level)
-                self.backoffs += 1
-                self.since_backoff = 0
-            self.healthy_steps = 0
-        else:
-            self.healthy_steps += 1
-            if self.healthy_steps > self.patience and self.level > 0.0:
-                self.level -= 1.0 / (self.recovery_steps * self.depth**2)
-                if self.level < 1e-9:
-                    self.level, self.depth = 0.0, 0.0
-        self.since_backoff += 1
-        return Decision(lr_scale=self.scale)
+        flagged = view.flagged(self._kinds)
+        level, depth = self.level, self.depth
+        backs_off = flagged & (self.since_backoff >= self.cooldown)
+        raised = (level + 1.0).clamp(max=self._max_level)
+        healthy = torch.where(flagged, 0.0, self.healthy_steps + 1.0)
+        climbing = ~flagged & (healthy > self.patience) & (level > 0.0)
+        safe_depth = torch.where(depth > 0.0, depth, 1.0)  # depth > 0 whenever level > 0
+        climbed = level - 1.0 / (self.recovery_steps * safe_depth.square())
+        recovered = climbing & (climbed < 1e-9)
+        self.level = torch.where(
+            backs_off, raised, torch.where(recovered, 0.0, torch.where(climbing, climbed, level))
+        )
+        self.depth = torch.where(
+            backs_off, torch.maximum(depth, raised), torch.where(recovered, 0.0, depth)
+        )
+        self.healthy_steps = healthy
+        self.since_backoff = torch.where(backs_off, 1.0, self.since_backoff + 1.0)
+        self.backoffs = self.backoffs + backs_off.double()
+        return Decision(lr_scale=self._scale())
+
+    def _scale(self) -> torch.Tensor:
+        power = torch.pow(self.factor, self.level).clamp(min=self.min_scale)
+        return torch.where(self.level == 0.0, 1.0, power)
 
 
 class SkipStep(Remedy):
-    """Drops the update of a step flagged by any detection named in ``on``.
+    """Skips the update of a step flagged by any detection named in ``on``.
 
-    The engine then removes every gradient of the optimizer's parameters, so ``optimizer.step()``
-    leaves parameters and optimizer state (moments, step counts) untouched. In a plain loop
-    ``report.skipped`` tells the caller; with ``attach()`` and in Lightning the skip is enforced.
-    Needs the optimizer (to know which parameters it updates).
+    The decision stays on the device. With a fused ``Adam``/``AdamW``/``SGD`` the optimizer's kernel
+    skips the update itself (``found_inf``): no host synchronisation; parameters and optimizer
+    state (moments, step counts, weight decay) are untouched. With any other optimizer the flag is
+    read on the host inside ``optimizer.step()`` (one read per step) and the gradients are dropped
+    there, so the update does nothing. Either way ``optimizer.step()`` may be called on every step
+    (``attach()`` and Lightning do); ``report.skipped`` tells a plain loop (reading it costs one
+    host read).
 
-    Host synchronisation: reads this step's detection flags with one small transfer per step
-    (shared with :class:`LRBackoff`).
+    The running statistics of normalisation layers (BatchNorm...) are restored on a skipped step: a
+    NaN batch poisons them in the forward pass already (see
+    :mod:`gradwatch.engine.running_stats`).
 
     Example:
         >>> skip = SkipStep(on=("nonfinite", "spike"))
@@ -425,19 +490,18 @@ class SkipStep(Remedy):
 
     skips = True
     needs_optimizer = True
-    skipped: int
+    skipped: torch.Tensor
 
     def __init__(self, on: Sequence[str] = ("nonfinite",)) -> None:
         super().__init__()
         self.on = check_names("on", on, tuple(TRIGGERS))
         self._kinds = [TRIGGERS[name] for name in self.on]
-        self.add_state("skipped", 0)
+        self.add_state("skipped", 0, "scalar")
 
     def decide(self, view: RemedyInput) -> Decision:
         """Skips the step when one of the chosen detections fired."""
-        flags = view.host_flags()
-        skip = any(flags.get(kind, False) for kind in self._kinds)
-        self.skipped += skip
+        skip = view.flagged(self._kinds)
+        self.skipped = self.skipped + skip
         return Decision(skip=skip)
 
 

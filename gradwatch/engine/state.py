@@ -41,6 +41,7 @@ class Counts:
 class _Spec:
     size: Size
     default: Any
+    dtype: torch.dtype | None = None
 
 
 class Stateful:
@@ -49,10 +50,13 @@ class Stateful:
     def __init__(self) -> None:
         self._specs: dict[str, _Spec] = {}
 
-    def add_state(self, name: str, default: Any, size: Size = "host") -> None:
+    def add_state(
+        self, name: str, default: Any, size: Size = "host", dtype: torch.dtype | None = None
+    ) -> None:
         """Declares the attribute ``name``: a device tensor of ``size`` filled with ``default``
-        (materialised by :meth:`reset_state`), or with ``size="host"`` a plain value."""
-        self._specs[name] = _Spec(size, default)
+        (materialised by :meth:`reset_state`; float32 unless ``dtype``), or with ``size="host"`` a
+        plain value."""
+        self._specs[name] = _Spec(size, default, dtype)
         setattr(self, name, default if size == "host" else None)
 
     def reset_state(self, counts: Counts) -> None:
@@ -62,7 +66,8 @@ class Stateful:
                 setattr(self, name, spec.default)
                 continue
             shape = _shape(spec.size, counts)
-            setattr(self, name, torch.full(shape, float(spec.default), device=counts.device))
+            value = torch.full(shape, float(spec.default), dtype=spec.dtype, device=counts.device)
+            setattr(self, name, value)
 
     def state_dict(self) -> dict[str, Any]:
         """Every declared piece of state as plain values (floats, ints, lists); one transfer."""

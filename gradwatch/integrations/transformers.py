@@ -312,12 +312,11 @@ class GradWatchCallback(TrainerCallback, ExportableState):
         if self.report and state.is_world_process_zero:
             sinks += self._report_sinks(args, state)
         params = optimizer_params(unwrap_optimizer(optimizer)) if optimizer is not None else None
+        changes: dict[str, Any] = {"log_every_n_steps": cadence}
+        if args.max_grad_norm > 0 and self.config.fused is None:
+            changes["fused"] = False  # max_grad_norm clipping follows: it must see the remedies
         return GradWatch(
-            model,
-            optimizer,
-            sinks=sinks,
-            params=params,
-            config=self.config.replace(log_every_n_steps=cadence),
+            model, optimizer, sinks=sinks, params=params, config=self.config.replace(**changes)
         )
 
     def _report_sinks(self, args: Any, state: Any) -> list[Sink]:
