@@ -196,6 +196,20 @@ def test_custom_scalars_layout_is_written_once_overview_first(tmp_path: Path) ->
     assert shown("total gradient norm") == {"gradwatch/grad_norm_total"}
 
 
+def test_gradient_flow_image_keeps_within_its_cpu_budget(tmp_path: Path) -> None:
+    # A drawing takes milliseconds of CPU: the next waits IMAGE_BUDGET times that, so flushes in
+    # quick succession (written on this thread) get no new image until close.
+    model = RootScaled()
+    sink = TensorBoardSink(tmp_path, background=False, image_interval=1e-6)
+    watch = gw.GradWatch(model, log_every_n_steps=LOG_EVERY, detectors=(), sinks=[sink])
+    train(watch, model)
+    watch.close()
+    (event_file,) = tmp_path.glob("events.out.tfevents.*")
+    summaries = [e for e in EventFileLoader(str(event_file)).Load() if e.HasField("summary")]
+    images = [e.step for e in summaries if e.summary.value[0].tag == "gradwatch/gradient_flow"]
+    assert images == [LOG_EVERY - 1, STEPS - 1]  # the first flush, then close
+
+
 def test_scalars_of_one_step_share_one_event(tmp_path: Path) -> None:
     model = RootScaled()
     sink = TensorBoardSink(tmp_path, image_interval=1e9)  # images at the first flush and at close

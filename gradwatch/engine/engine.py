@@ -965,13 +965,29 @@ def _stack(detections: list[Detection], device: torch.device) -> torch.Tensor:
     """Stacks detections into ``[k, 2 + C]`` rows: fired, value, then the scores."""
     if not detections:
         return torch.zeros(0, 2, device=device)
-    fired = torch.cat([d.fired.reshape(-1) for d in detections]).float()[:, None]
-    value = torch.cat([d.value.reshape(-1) for d in detections]).float()[:, None]
-    columns = [fired, value]
-    if all(d.scores is not None for d in detections):
-        scores = torch.cat([d.scores for d in detections if d.scores is not None])
-        columns.append(scores.float().reshape(fired.shape[0], -1))
+    k = len(detections)
+    with_scores = all(d.scores is not None for d in detections)
+    shapes = {(d.fired.shape, d.value.shape, _shape(d.scores)) for d in detections}
+    if len(shapes) == 1 and detections[0].fired.numel() == 1:  # one step each: stack columns
+        columns = [
+            torch.stack([d.fired for d in detections]).reshape(k, 1).float(),
+            torch.stack([d.value for d in detections]).reshape(k, 1).float(),
+        ]
+        if with_scores:
+            scores = torch.stack([d.scores for d in detections])  # type: ignore[misc]
+            columns.append(scores.reshape(k, -1).float())
+    else:  # blocks of several steps
+        fired = torch.cat([d.fired.reshape(-1) for d in detections]).float()[:, None]
+        value = torch.cat([d.value.reshape(-1) for d in detections]).float()[:, None]
+        columns = [fired, value]
+        if with_scores:
+            scores = torch.cat([d.scores for d in detections if d.scores is not None])
+            columns.append(scores.float().reshape(fired.shape[0], -1))
     return torch.cat(columns, dim=1)
+
+
+def _shape(tensor: torch.Tensor | None) -> tuple[int, ...] | None:
+    return None if tensor is None else tuple(tensor.shape)
 
 
 def _same(

@@ -24,8 +24,12 @@ class NormHistory:
         self.window = window
         self.num_layers = num_layers
         self._norms = torch.full((window, num_layers), float("nan"), device=device)
-        # total norm, clip coefficient, learning-rate scale
-        self._scalars = torch.full((window, 3), float("nan"), device=device)
+        self._total = torch.full((window,), float("nan"), device=device)
+        # clip coefficient and learning-rate scale: 1 until a remedy writes one (then every step)
+        self._clip = torch.ones(window, device=device)
+        self._lr_scale = torch.ones(window, device=device)
+        self._clip_written = False
+        self._lr_scale_written = False
         self._steps: list[int] = []  # steps of rows not yet committed
         self._written = 0  # rows written since the start
         self.host_steps = np.zeros(0, dtype=np.int64)
@@ -45,15 +49,18 @@ class NormHistory:
         """Stores one step's values (device-side copies, no sync); None means 1."""
         row = self._written % self.window
         self._norms[row].copy_(norms)
-        self._scalars[row, 0].copy_(total)
-        if clip_coef is None:
-            self._scalars[row, 1].fill_(1.0)
-        else:
-            self._scalars[row, 1].copy_(clip_coef)
+        self._total[row].copy_(total)
+        if clip_coef is not None:
+            self._clip[row].copy_(clip_coef)
+            self._clip_written = True
+        elif self._clip_written:
+            self._clip[row].fill_(1.0)
         if isinstance(lr_scale, torch.Tensor):
-            self._scalars[row, 2].copy_(lr_scale)
-        else:
-            self._scalars[row, 2].fill_(1.0 if lr_scale is None else lr_scale)
+            self._lr_scale[row].copy_(lr_scale)
+            self._lr_scale_written = True
+        elif self._lr_scale_written or lr_scale not in (None, 1.0):
+            self._lr_scale[row].fill_(1.0 if lr_scale is None else lr_scale)
+            self._lr_scale_written = True
         self._steps.append(step)
         self._written += 1
         if len(self._steps) > self.window:  # never committed (no flush yet): keep the newest
@@ -75,13 +82,14 @@ class NormHistory:
         k = len(self._steps)
         end = self._written % self.window
         start = (self._written - k) % self.window
+        columns = (self._total, self._clip, self._lr_scale)
         if k == 0:
-            return self._norms[:0], self._scalars[:0]
+            return self._norms[:0], torch.stack([c[:0] for c in columns], 1)
         if start < end:
-            return self._norms[start:end], self._scalars[start:end]
+            return self._norms[start:end], torch.stack([c[start:end] for c in columns], 1)
         return (
             torch.cat([self._norms[start:], self._norms[:end]]),
-            torch.cat([self._scalars[start:], self._scalars[:end]]),
+            torch.stack([torch.cat([c[start:], c[:end]]) for c in columns], 1),
         )
 
     def commit(self, norms: np.ndarray, scalars: np.ndarray) -> None:
@@ -139,11 +147,14 @@ class NormHistory:
         k = len(self.host_steps)
         device = self._norms.device
         self._norms.fill_(float("nan"))
-        self._scalars.fill_(float("nan"))
+        self._total.fill_(float("nan"))
+        self._clip.fill_(1.0)
+        self._lr_scale.fill_(1.0)
         if k:
             self._norms[:k].copy_(torch.from_numpy(self.host_norms).to(device))
-            self._scalars[:k, 0].copy_(torch.from_numpy(self.host_total).to(device))
-            self._scalars[:k, 1].copy_(torch.from_numpy(self.host_clip).to(device))
-            self._scalars[:k, 2].copy_(torch.from_numpy(self.host_lr_scale).to(device))
+            self._total[:k].copy_(torch.from_numpy(self.host_total).to(device))
+            self._clip[:k].copy_(torch.from_numpy(self.host_clip).to(device))
+            self._lr_scale[:k].copy_(torch.from_numpy(self.host_lr_scale).to(device))
+            self._clip_written = self._lr_scale_written = True
         self._written = k
         self._steps.clear()

@@ -55,6 +55,13 @@ _WRITER_QUEUE = 1024  # events SummaryWriter buffers: a flush's events never wai
 _WRITER_FLUSH_S = 10  # seconds between file flushes (what a live dashboard lags at most)
 
 
+IMAGE_BUDGET = 400.0
+"""The gradient-flow image takes at most 1/400 of one core: after a drawing that took ``t`` seconds
+of CPU, the next waits at least ``IMAGE_BUDGET * t`` seconds (a 75 ms matplotlib drawing, as on a
+2-core VM: 30 s, TensorBoard's reload period), so the writer thread barely competes with
+training on a small machine."""
+
+
 class TensorBoardSink(Sink):
     """Writes flush records to TensorBoard.
 
@@ -84,8 +91,10 @@ class TensorBoardSink(Sink):
             colours (the same for every run, so runs can be compared).
         use_matplotlib: Labelled gradient-flow plot with matplotlib (None: when importable), or a
             plain colour map (False).
-        image_interval: Minimum seconds between two gradient-flow images (drawing one takes tens
-            of milliseconds); the last flush before :meth:`close` always gets one.
+        image_interval: Minimum seconds between two gradient-flow images (TensorBoard's page
+            reloads every 30 s). Drawing one takes tens of milliseconds of a core, so the gap
+            also grows to at least :data:`IMAGE_BUDGET` times the last drawing's CPU time (0: an
+            image at every flush); the last flush before :meth:`close` always gets one.
         backlog_bytes: Memory the records waiting for the background writer may hold; beyond it
             the oldest waiting records are dropped (the newest is always kept).
         close_timeout: Seconds :meth:`close` waits for the background writer to finish.
@@ -106,7 +115,7 @@ class TensorBoardSink(Sink):
         flow_columns: int = 128,
         flow_range: tuple[float, float] = LOG10_RANGE,
         use_matplotlib: bool | None = None,
-        image_interval: float = 5.0,
+        image_interval: float = 30.0,
         backlog_bytes: int = 64 * 2**20,
         close_timeout: float = 10.0,
     ) -> None:
@@ -142,6 +151,7 @@ class TensorBoardSink(Sink):
         self._image_interval = image_interval
         self._image_due_step: int | None = None  # the newest step not yet in an image
         self._last_image_time = -math.inf
+        self._image_gap = 0.0  # seconds to wait after the last image: the interval or the budget
         self._layout_written = False
         self._scalars = ScalarTags()
         self._alerts: list[Alert] = []
@@ -279,14 +289,18 @@ class TensorBoardSink(Sink):
         step = self._image_due_step
         if self._error is not None or step is None:
             return
-        if not final and time.monotonic() - self._last_image_time < self._image_interval:
+        if not final and time.monotonic() - self._last_image_time < self._image_gap:
             return
         try:
+            started = time.thread_time()
             image = self._flow.render(self._flow_names, self._plot, self._flow_range)
             if image is not None:
                 write_events(self._writer, {step: [Entry("image", FLOW_TAG, image)]})
             self._image_due_step = None
             self._last_image_time = time.monotonic()
+            spent = time.thread_time() - started
+            if self._image_interval > 0:  # 0: an image at every flush, whatever it costs
+                self._image_gap = max(self._image_interval, IMAGE_BUDGET * spent)
         except Exception as error:
             self._error = error
 
