@@ -6,12 +6,13 @@ Usage::
     python benchmarks/run.py --quick          # smoke run: every code path, noisy numbers (minutes)
     python benchmarks/run.py --only overhead scaling --output report.md
 
-Sections: paired overhead on three workloads (``bench_overhead.py``), the cost of remedies with a
-fused and a non-fused optimizer (``bench_remedies.py``), where ``watch.step()`` spends
-its time (cProfile), scaling with tensor count and size (``bench_scaling.py``), memory
-(``bench_memory.py``), and, when present, histograms (``bench_histograms.py``), distributed
-(``bench_distributed.py``) and slow or hung writers (``bench_writer.py``), which run as
-subprocesses with their own command lines. On a machine
+Sections: the distance to the floor over several 200-step runs, 1 and 2 threads, with the CPU
+time of each part (``bench_floor.py``), paired overhead on three workloads (``bench_overhead.py``),
+the cost of remedies with a fused and a non-fused optimizer (``bench_remedies.py``), where
+``watch.step()`` spends its time (cProfile), scaling with tensor count and size
+(``bench_scaling.py``), memory (``bench_memory.py``), and, when present, histograms
+(``bench_histograms.py``), distributed (``bench_distributed.py``) and slow or hung writers
+(``bench_writer.py``), which run as subprocesses with their own command lines. On a machine
 with CUDA the same command reports GPU overhead and host syncs per step.
 """
 
@@ -35,6 +36,7 @@ from common import add_common_arguments, machine_description
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = (
+    "floor",
     "overhead",
     "remedies",
     "profile",
@@ -46,6 +48,11 @@ SECTIONS = (
 )
 # Command lines of the benchmarks that have their own (quick, full).
 EXTERNAL = {
+    "floor": (
+        "bench_floor.py",
+        ["--runs", "1", "--rounds", "40", "--threads", "1"],
+        ["--runs", "5", "--profile"],
+    ),
     "histograms": ("bench_histograms.py", ["--repeats", "3"], []),
     "writers": ("bench_writer.py", ["--steps", "60", "--log-every", "1"], ["--log-every", "1"]),
     "distributed": ("bench_distributed.py", ["--pairs", "20", "--warmup", "5"], []),
