@@ -250,7 +250,8 @@ class Engine:
         step = self._step_number(global_step)
         if not self.config.probes(step):
             return self._unprobed(step)
-        pattern = self.probe.grad_pattern()
+        current = self.probe.current_grads()
+        pattern = self.probe.grad_pattern(current)
         records: tuple[FlushRecord, ...] = ()
         if self._recheck or not self.probe.knows(pattern):
             self._recheck = False
@@ -259,7 +260,8 @@ class Engine:
                 record = self._flush()  # the steps so far, in the layout they were taken in
                 records = (record,) if record is not None else ()
                 self._rescan(layers)
-                pattern = self.probe.grad_pattern()
+                current = self.probe.current_grads()
+                pattern = self.probe.grad_pattern(current)
         probe = self.probe
         if not any(pattern):
             self._warn_once(
@@ -276,7 +278,7 @@ class Engine:
         cadence = self.config.log_every_n_steps
         flush_due = (step + 1) // cadence > self.step_count // cadence  # reached/passed a multiple
 
-        sq_norms, has_grad = probe.grad_sq_norms(pattern)
+        sq_norms, has_grad = probe.grad_sq_norms(pattern, current)
         loss_scale = loss_scale_in_gradients(self.scaler, self.optimizer)
         if loss_scale is not None:  # AMP not unscaled yet (a fused kernel unscales): true norms
             scale = loss_scale.to(sq_norms.device, sq_norms.dtype)

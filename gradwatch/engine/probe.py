@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
+from itertools import repeat
 
 import torch
 from torch import nn
@@ -17,6 +19,8 @@ from gradwatch.engine.distributed import (
 from gradwatch.engine.layers import Layer
 
 _DENSE, _SPARSE = 1, 2
+_GRAD = operator.attrgetter("grad")
+_IS_SPARSE = operator.attrgetter("is_sparse")
 
 
 @dataclass
@@ -69,22 +73,44 @@ class GradientProbe:
         rank = {id(p): i for i, p in enumerate(registration or ())}
         self._rank = [rank.get(id(p), len(rank) + i) for i, p in enumerate(self.params)]
         self._last: tuple[_Plan, list[torch.Tensor]] | None = None  # last gradient norms
+        self._all_dense = (_DENSE,) * len(self.params)
 
-    def grad_pattern(self) -> tuple[int, ...]:
-        """Which parameters have a gradient now (0 none, 1 dense, 2 sparse)."""
+    def current_grads(self) -> list[torch.Tensor | None]:
+        """The ``.grad`` of every watched parameter, in order (None where there is none)."""
+        return list(map(_GRAD, self.params))  # a C-level loop: this runs at every step
+
+    def grad_pattern(self, grads: list[torch.Tensor | None] | None = None) -> tuple[int, ...]:
+        """Which parameters have a gradient now (0 none, 1 dense, 2 sparse).
+
+        Args:
+            grads: :meth:`current_grads`, if the caller already read them.
+        """
+        grads = self.current_grads() if grads is None else grads
+        if not any(map(operator.is_, grads, repeat(None))) and not any(map(_IS_SPARSE, grads)):
+            return self._all_dense
         return tuple(
-            0 if (grad := p.grad) is None else (_SPARSE if grad.is_sparse else _DENSE)
-            for p in self.params
+            0 if grad is None else (_SPARSE if grad.is_sparse else _DENSE) for grad in grads
         )
 
     def knows(self, pattern: tuple[int, ...]) -> bool:
         """Whether this pattern of present gradients was seen (its plan is cached)."""
         return pattern in self._plans
 
-    def grad_sq_norms(self, pattern: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-layer sums of squares of the current gradients, and the per-layer has-grad mask."""
+    def grad_sq_norms(
+        self, pattern: tuple[int, ...], grads: list[torch.Tensor | None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-layer sums of squares of the current gradients, and the per-layer has-grad mask.
+
+        Args:
+            pattern: :meth:`grad_pattern` of these gradients.
+            grads: :meth:`current_grads`, if the caller already read them.
+        """
         plan = self._plan(pattern)
-        parts = self._norm_parts(plan, self._grad_tensors(plan), 2.0)
+        if grads is not None and pattern is self._all_dense and not self.sharded:
+            tensors: list[torch.Tensor] = grads  # type: ignore[assignment]  # none is None
+        else:
+            tensors = self._grad_tensors(plan)
+        parts = self._norm_parts(plan, tensors, 2.0)
         self._last = (plan, parts)
         return self._sum_squares(plan, parts), plan.has_grad
 
@@ -128,14 +154,14 @@ class GradientProbe:
 
     def weight_sq_norms(self) -> torch.Tensor:
         """Per-layer sums of squares of the parameters themselves."""
-        plan = self._plan((_DENSE,) * len(self.params))
+        plan = self._plan(self._all_dense)
         with torch.no_grad():
             tensors = [local_part(p.detach()) for p in self.params]
             return self._sum_squares(plan, self._norm_parts(plan, tensors, 2.0))
 
     def reduce_tensors(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """Per-layer sums of squares of arbitrary tensors shaped like the (local) parameters."""
-        plan = self._plan((_DENSE,) * len(self.params))
+        plan = self._plan(self._all_dense)
         return self._sum_squares(plan, self._norm_parts(plan, tensors, 2.0))
 
     def grads(self, pattern: tuple[int, ...]) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
