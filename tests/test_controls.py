@@ -7,6 +7,7 @@ import base64
 import io
 import re
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -152,9 +153,9 @@ def test_steps_between_probes_read_no_gradient_and_sync_nothing() -> None:
     calls = []
     original = probe.grad_pattern
 
-    def counting() -> tuple[int, ...]:
+    def counting(*args: Any) -> tuple[int, ...]:
         calls.append(1)
-        return original()
+        return original(*args)
 
     probe.grad_pattern = counting  # type: ignore[method-assign]
     for _ in range(3):  # steps 1, 2, 3: between probes
