@@ -27,6 +27,7 @@ SEP = VOCAB  # separator token of the copy task
 COPY_LEN = 8  # tokens to copy
 IMAGE = 32  # side of the upsampled digits for the vision models
 DIGITS_BATCH = 32
+DEPTHWISE_BATCH = 16  # MobileNetV2/EfficientNet: depthwise convolutions are slow on CPUs
 TOKEN_BATCH = 16
 
 
@@ -306,7 +307,7 @@ def _mobilenet(seed: int) -> Task:
     return Task(
         "mobilenet_v2",
         MobileNetV2ForImageClassification(config),
-        digit_image_batches(seed),
+        digit_image_batches(seed, DEPTHWISE_BATCH),
         _hf_image_loss,
         adamw(1e-3),
         float_inputs=True,
@@ -331,7 +332,7 @@ def _efficientnet(seed: int) -> Task:
     return Task(
         "efficientnet",
         model,
-        digit_image_batches(seed),
+        digit_image_batches(seed, DEPTHWISE_BATCH),
         _hf_image_loss,
         adamw(1e-3),
         float_inputs=True,

@@ -420,10 +420,14 @@ def judge(result: Run) -> Verdict:
         ]
         if in_time:
             return verdict(in_time[0], LR_STEP, fits)
-        late = candidates[0] if candidates else next((a for a in warned if a.step >= LR_STEP), None)
-        row = verdict(late, LR_STEP, fits)
+        if candidates:
+            row = verdict(candidates[0], LR_STEP, fits)
+            row.note = "announced after the loss turned non-finite"
+        else:
+            other = next((a for a in warned if a.step >= LR_STEP), None)
+            row = verdict(other, LR_STEP, fits)
+            row.note = f"no spike/exploding alert (first: {other.kind})" if other else "no alert"
         row.found = False
-        row.note = "announced after the loss turned non-finite" if late else "no alert"
         return row
 
     if spec.nan_input or spec.nan_module:
