@@ -171,8 +171,8 @@ class Run:
 
     @property
     def warnings(self) -> list[Record]:
-        """The warning and error alerts."""
-        return [a for a in self.alerts if a.severity in WARNINGS]
+        """The warning and error alerts, by the step they were detected at."""
+        return sorted((a for a in self.alerts if a.severity in WARNINGS), key=lambda a: a.step)
 
 
 def origin_of(alert: Any) -> str | None:

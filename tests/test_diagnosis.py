@@ -9,7 +9,9 @@ cases run on two seeds, and a condition only has to hold on each of them.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 
@@ -25,23 +27,25 @@ from tests.pathologies import (
     run,
 )
 
-# Steps per healthy run: at least two flushes (update tracking, activation windows) and as many
-# as the file's budget allows (~90 s on one thread; ms/step watched, default detectors, measured
-# on a shared 2-core machine, in the comments). The six heavy models are marked slow.
+# Steps per healthy run: as many as the file's budget allows (~100 s on one thread); the light
+# models get three flushes (stagnation needs three update measurements), the heavy ones (marked
+# slow) one flush and the detectors' windows. ms/step watched (default detectors, shared 2-core
+# machine) in the comments; docs/diagnosis.md runs every model for 200 steps.
 HEALTHY_STEPS = {
     "mlp": 200,  # 2
-    "lstm": 200,  # 7
-    "gru": 200,  # 15
-    "gpt2": 150,  # 30
-    "llama": 150,  # 20
-    "bert": 100,  # 40
-    "vit": 100,  # 35
-    "resnet": 100,  # 37
-    "convnext": 100,  # 55
-    "mobilenet_v2": 100,  # 90 (600 with check_activations)
-    "efficientnet": 100,  # 60
+    "lstm": 200,  # 6
+    "gru": 150,  # 15
+    "gpt2": 150,  # 22
+    "llama": 150,  # 14
+    "bert": 60,  # 35
+    "vit": 60,  # 35
+    "resnet": 60,  # 40
+    "convnext": 60,  # 50
+    "mobilenet_v2": 60,  # 70
+    "efficientnet": 60,  # 70
 }
 HEAVY = ("bert", "vit", "resnet", "convnext", "mobilenet_v2", "efficientnet")
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "diagnosis_table.py"
 SEEDS = {"mlp": (0, 1, 2), "lstm": (0, 1), "gpt2": (0, 1), "bert": (0,), "resnet": (0,)}
 
 
@@ -125,12 +129,6 @@ def test_alerts_are_delivered_within_two_steps_of_detection() -> None:
     assert hits[0].delivered - hits[0].step <= 2, _describe(result)
 
 
-def test_a_new_divergence_is_not_merged_into_an_earlier_episode() -> None:
-    """The LR x1000 divergence is its own alert, whatever came before it (issue: BERT-tiny)."""
-    result = run("bert", "lr_x1000", steps=LR_STEP + 30)
-    assert [a for a in result.warnings if a.step >= LR_STEP], _describe(result)
-
-
 # ------------------------------------------------------------------------------- NaN origin
 
 
@@ -189,7 +187,7 @@ def test_dead_relu_layer_is_reported_within_20_steps_with_activation_checks() ->
 @pytest.mark.parametrize("model", ["mlp", "gpt2"])
 def test_zero_learning_rate_is_stagnation(model: str) -> None:
     """lr=0 with track_updates: stagnation, and no advice contradicting itself."""
-    result = run(model, "lr0", steps=200)
+    result = run(model, "lr0", steps=150)
     hits = [a for a in result.warnings if a.kind == "stagnation"]
     assert hits, _describe(result)
     advice = " ".join(tip for a in result.alerts for tip in a.advice)
@@ -207,3 +205,24 @@ def test_frozen_backbone_is_never_reported(model: str, pathology: str) -> None:
     assert named == [], _describe(result)
     assert _warnings(result) == [], _describe(result)
     assert math.isfinite(result.loss_end)
+
+
+# ------------------------------------------------------------------------------- the table
+
+
+def test_diagnosis_table_command_writes_the_table(tmp_path: Path) -> None:
+    """scripts/diagnosis_table.py writes the summary row and one row per run."""
+    spec = importlib.util.spec_from_file_location("diagnosis_table", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "diagnosis.md"
+    argv = ["--models", "mlp", "--pathologies", "healthy,nan_input,sigmoid20", "--steps", "70"]
+    assert script.main([*argv, "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "| model | healthy | nan_input | sigmoid20 |" in text
+    assert "| mlp | ✓ |" in text  # the healthy MLP is quiet
+    assert "| mlp | nan_input | 0 |" in text
+    assert "| mlp | sigmoid20 | 0 | yes | vanishing |" in text
+    with pytest.raises(SystemExit):
+        script.main(["--models", "alexnet"])
