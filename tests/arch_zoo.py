@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -55,7 +55,6 @@ class Task:
     float_inputs: bool
     head: tuple[str, ...] = ()
     relu_layer: str | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------- data
