@@ -4,8 +4,8 @@
 whatever ``gradwatch`` is importable, and records every alert with the step it was detected at and
 the step it was *delivered* at (the training step during which ``on_alert`` ran, or ``steps`` for
 alerts that only surfaced at ``close()``), plus the first step whose loss was non-finite.
-:func:`judge` turns a run into one row of the diagnosis table (``scripts/diagnosis_table.py``) and
-is what ``tests/test_diagnosis.py`` asserts on.
+:func:`judge` turns a run into one row of the diagnosis table (``scripts/diagnosis_table.py``);
+``tests/test_diagnosis.py`` asserts on the run's records directly, with the same criteria.
 """
 
 from __future__ import annotations
