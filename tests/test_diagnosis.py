@@ -54,7 +54,7 @@ def _until_fixed(reason: str) -> pytest.MarkDecorator:
     return pytest.mark.xfail(strict=False, reason=f"issue 13, not fixed yet: {reason}")
 
 
-FALSE_EXPLODING = _until_fixed("EXPLODING = raw gradient/weight RMS ratio (BN-scaled convs)")
+FALSE_EXPLODING = _until_fixed("EXPLODING: raw grad/weight RMS ratio (BN convs, 2-row embedding)")
 NAN_ORIGIN = _until_fixed("NaN origin not classified (input/forward/loss/backward)")
 LATE_DELIVERY = _until_fixed("alerts are delivered only at the flush")
 DEAD_LAYER = _until_fixed("exactly-zero gradients / total ReLU death not reported in time")
