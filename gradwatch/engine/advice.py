@@ -11,25 +11,35 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from gradwatch.engine.alerts import AlertKind
+from gradwatch.engine.origin import Origin
 from gradwatch.engine.profile import ModelProfile
 from gradwatch.engine.roles import Role
 from gradwatch.engine.thresholds import DEEP_LAYERS, FORGET_BIAS_SET, INIT_TOO_LARGE
 
 
 def advise(
-    kind: AlertKind, profile: ModelProfile, *, layers: Iterable[str] = ()
+    kind: AlertKind,
+    profile: ModelProfile,
+    *,
+    layers: Iterable[str] = (),
+    value: float | None = None,
 ) -> tuple[str, ...]:
     """Remedies that fit ``profile`` for an alert of ``kind``, most effective first.
 
     Args:
         kind: The alert kind.
         profile: What the model contains.
-        layers: The layers (or activation modules) the alert names; saturation and dead-unit advice
-            then names only the activation types found there.
+        layers: The layers (or modules) the alert names; saturation and dead-unit advice then
+            names only the activation types found there, non-finite advice the module.
+        value: The alert's value: for ``NONFINITE`` its :class:`~gradwatch.engine.origin.Origin`
+            (advice per origin), else unused.
 
     Returns:
         Short imperative sentences; empty when nothing applies.
     """
+    layers = list(layers)
+    if kind is AlertKind.NONFINITE:
+        return tuple(dict.fromkeys(_nonfinite(profile, _origin(value), layers)))
     named = {profile.activation_modules[n] for n in layers if n in profile.activation_modules}
     builder = _ADVICE.get(kind)
     return tuple(dict.fromkeys(builder(profile, named))) if builder is not None else ()
@@ -73,17 +83,47 @@ def _exploding(profile: ModelProfile, named: set[str]) -> list[str]:
     return out
 
 
-def _nonfinite(profile: ModelProfile, named: set[str]) -> list[str]:
-    out = [_lower_lr(profile), "check the loss for log(0) or division by zero (add an eps)"]
+def _nonfinite(profile: ModelProfile, origin: Origin | None, layers: list[str]) -> list[str]:
+    """Advice for a NaN/Inf by where it came from (None: unknown, e.g. an old alert)."""
+    out = []
+    if origin is Origin.INPUT:
+        out.append(
+            "fix the data pipeline: a batch entering the model holds NaN/Inf (missing values, a "
+            "division by zero in normalisation, a corrupt sample); check torch.isfinite(batch)"
+        )
+    elif origin is Origin.FORWARD:
+        named = layers and layers[0]
+        where = f"in the forward of {layers[0]!r}" if named else "in the forward pass"
+        out.append(
+            f"look {where} for log/sqrt of non-positive values, division by zero or overflow "
+            "(add an eps, clamp, or compute it in float32), or for NaN/Inf weights left by an "
+            "earlier update"
+        )
+    elif origin is Origin.LOSS:
+        out.append(
+            "check the loss for log(0) or division by zero (add an eps, or use a fused loss such "
+            "as F.cross_entropy / BCEWithLogitsLoss) and the targets for NaN/Inf"
+        )
+    else:
+        if origin is None:
+            out.append("check the loss for log(0) or division by zero (add an eps)")
+        out.append(_lower_lr(profile))
+        if not profile.clipping:
+            out.append("clip gradients (gw.ClipNorm / gw.ZClip)")
     if "SkipStep" not in profile.remedies:
         out.append("skip poisoned steps (gw.SkipStep)")
-    if not profile.clipping:
-        out.append("clip gradients (gw.ClipNorm / gw.ZClip)")
-    if profile.half_precision:
-        out.append("keep weights in float32 and train with torch.autocast")
-    elif profile.amp:
-        out.append("autocast to bfloat16 instead of float16")
+    if origin in (Origin.FORWARD, Origin.BACKWARD, None):
+        if profile.half_precision:
+            out.append("keep weights in float32 and train with torch.autocast")
+        elif profile.amp:
+            out.append("autocast to bfloat16 instead of float16")
     return out
+
+
+def _origin(value: float | None) -> Origin | None:
+    if value is None or value not in (0.0, 1.0, 2.0, 3.0):
+        return None
+    return Origin(int(value))
 
 
 def _saturation(profile: ModelProfile, named: set[str]) -> list[str]:
@@ -134,7 +174,6 @@ _ADVICE = {
     AlertKind.VANISHING: _vanishing,
     AlertKind.EXPLODING: _exploding,
     AlertKind.SPIKE: _divergence,
-    AlertKind.NONFINITE: _nonfinite,
     AlertKind.SATURATION: _saturation,
     AlertKind.DEAD_UNITS: _dead_units,
     AlertKind.STAGNATION: _stagnation,
