@@ -12,6 +12,7 @@ from gradwatch.engine.roles import Role
 from gradwatch.engine.thresholds import SATURATION_MARGIN
 from tests import zoo
 from tests.helpers import count_syncs
+from tests.tiny_models import tiny_transformers
 
 
 def _train(
@@ -221,3 +222,58 @@ def test_no_host_sync_between_flushes_with_every_detector() -> None:
     for step, counts in enumerate(per_step):
         if (step + 1) % 5:
             assert counts == {}, f"host sync at non-flush step {step}: {counts}"
+
+
+# ----------------------------------------------------------- library activations, by role
+
+
+@pytest.mark.parametrize(
+    ("name", "classes"),
+    [
+        ("gpt2", {"NewGELUActivation"}),
+        ("convnext", {"GELUActivation"}),
+        ("llama", {"SiLUActivation"}),
+    ],
+)
+def test_library_activation_modules_are_hooked_by_role(name: str, classes: set[str]) -> None:
+    model = tiny_transformers(name)
+    monitor = ActivationMonitor(model)
+    hooked = {type(model.get_submodule(path)).__name__ for path in monitor.names}
+    assert hooked == classes and set(monitor.roles) == {Role.SMOOTH}
+    assert len(monitor.names) == 2  # one per block
+    monitor.remove()
+
+
+def test_a_tiny_gpt2_trains_with_activation_hooks_and_stays_quiet() -> None:
+    model = tiny_transformers("gpt2")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    watch = gw.GradWatch(model, optimizer, check_activations=True, log_every_n_steps=4)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        ids = torch.randint(0, 40, (4, 12), generator=generator)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        watch.step(loss=loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    watch.close()
+    stats_names = watch.engine.layout.activation_names
+    assert len(stats_names) == 2
+    assert not [a for a in watch.alerts if a.severity in ("warning", "error")]
+
+
+def test_gelu_is_neither_saturating_nor_a_rectifier_that_can_die() -> None:
+    """GELU/SiLU outputs are unbounded above and never exactly zero on a region: no flat-region
+    fraction and no dead-unit counters, even when every input is very negative."""
+    model = nn.Sequential(nn.GELU(), nn.SiLU())
+    monitor = ActivationMonitor(model)
+    model(torch.full((4, 3), -50.0, requires_grad=True))
+    stats = monitor.collect()
+    assert stats is not None and stats.ran.tolist() == [True, True]
+    assert stats.saturated.tolist() == [0.0, 0.0] and stats.idle_steps.numel() == 0
+    monitor.remove()
+
+
+def test_lstm_gates_have_no_module_and_get_no_hook() -> None:
+    """nn.LSTM computes its sigmoid/tanh gates inside one cell: nothing to hook, nothing faked."""
+    assert ActivationMonitor(nn.LSTM(4, 8)).names == []

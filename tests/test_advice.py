@@ -11,6 +11,7 @@ from gradwatch.engine.advice import advise
 from gradwatch.engine.alerts import AlertKind
 from gradwatch.engine.profile import ModelProfile
 from tests import zoo
+from tests.tiny_models import tiny_transformers
 
 VANISHING, EXPLODING, SPIKE = AlertKind.VANISHING, AlertKind.EXPLODING, AlertKind.SPIKE
 
@@ -239,3 +240,45 @@ def test_profile_reads_activations_norms_recurrence_and_depth() -> None:
     assert not profile.recurrent
     rnn = ModelProfile.inspect(zoo.SequenceRegressor("GRU"))
     assert rnn.recurrent == {"GRU"} and not rnn.plain_rnn
+
+
+# ------------------------------------------------------------- residual blocks of real libraries
+
+
+@pytest.mark.parametrize(
+    ("name", "blocks"),
+    [
+        ("bert", {"BertSelfOutput", "BertOutput"}),  # LayerNorm(hidden_states + input_tensor)
+        ("gpt2", {"GPT2Block"}),  # hidden_states = attn_output + residual
+        ("llama", {"LlamaDecoderLayer"}),  # hidden_states = residual + hidden_states
+        ("vit", {"ViTLayer"}),  # hidden_states = hidden_states + residual
+        ("convnext", {"ConvNextLayer"}),  # residual + self.drop_path(features)
+        ("resnet", {"ResNetBottleNeckLayer"}),  # shortcut child, hidden_state += residual
+    ],
+)
+def test_residual_blocks_of_transformers_models_are_recognised_and_nothing_else(
+    name: str, blocks: set[str]
+) -> None:
+    model = tiny_transformers(name)
+    profile = ModelProfile.inspect(model)
+    assert profile.residual
+    found = {type(model.get_submodule(path)).__name__ for path in profile.residual_evidence}
+    assert found == blocks  # no activation (x + 0.04 * x**3), attention mask or root model
+    assert "add residual (skip) connections" not in advise(VANISHING, profile)
+
+
+def test_parallel_branches_and_tuple_concatenation_are_not_skip_connections() -> None:
+    class Collects(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, keep: bool = True) -> tuple[torch.Tensor, ...]:
+            states = () if keep else None
+            h = self.fc(x)
+            assert states is not None
+            states = states + (h,)  # noqa: RUF005 (the pattern under test)
+            return states
+
+    assert not ModelProfile.inspect(Collects()).residual
+    assert not ModelProfile.inspect(ParallelBranches(4)).residual
