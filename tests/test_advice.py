@@ -282,3 +282,46 @@ def test_parallel_branches_and_tuple_concatenation_are_not_skip_connections() ->
 
     assert not ModelProfile.inspect(Collects()).residual
     assert not ModelProfile.inspect(ParallelBranches(4)).residual
+
+
+# ------------------------------------------------------------ initialisation, measured at the start
+
+
+def test_large_weights_are_profiled_on_a_sample_with_the_same_result() -> None:
+    torch.manual_seed(0)
+    big = nn.Linear(1024, 1024)  # 1M elements: sampled
+    nn.init.kaiming_normal_(big.weight, nonlinearity="relu")
+    exact = float(big.weight.detach().std(unbiased=False)) / (2.0 / 1024) ** 0.5
+    profile = ModelProfile.inspect(big)
+    assert profile.he_ratio == pytest.approx(exact, rel=0.02)
+    assert profile.he_ratio == pytest.approx(1.0, rel=0.02)
+
+
+def test_initialisation_is_kept_from_the_start_when_the_model_changes_later() -> None:
+    """A divergence that blows the weights up must not turn into "shrink the initial weights"."""
+    torch.manual_seed(0)
+    model = zoo.relu_he_bn_mlp(depth=4)
+    watch = gw.GradWatch(model, log_every_n_steps=1)
+    start = watch.engine.profile.he_ratio
+    assert watch.engine.profile.he_scaled
+    x = torch.randn(8, 16)
+    model(x).sum().backward()
+    watch.step()
+    with torch.no_grad():  # the run "blew up" ...
+        for param in model.parameters():
+            param.mul_(50.0)
+    model[-1] = nn.Linear(32, 1)  # ... and then the model changed: its layers are read again
+    model.zero_grad()
+    model(x).sum().backward()
+    with pytest.warns(RuntimeWarning, match="model changed"):
+        watch.step()
+    watch.close()
+    assert watch.engine.profile.he_ratio == start
+    assert not any("shrink" in item for item in advise(EXPLODING, watch.engine.profile))
+    assert ModelProfile.inspect(model).he_ratio > 10 * start  # what re-measuring would say
+
+
+def test_he_initialised_transformers_resnet_counts_as_he_scaled() -> None:
+    profile = ModelProfile.inspect(tiny_transformers("resnet"))
+    assert profile.he_scaled  # kaiming_normal_(mode="fan_out") on square-ish convolutions
+    assert not any("shrink" in item for item in advise(EXPLODING, profile))

@@ -616,8 +616,12 @@ class Engine:
             activation_names = tuple(self.activations.names)
         self.origin.remove()
         self.origin = OriginTracer(self.model, modules=self.config.check_activations)
-        self.profile = ModelProfile.inspect(
-            self.model, self.optimizer, remedies=self.remedies, scaler=self.scaler
+        self.profile = ModelProfile.inspect(  # the initialisation as measured at the start
+            self.model,
+            self.optimizer,
+            remedies=self.remedies,
+            scaler=self.scaler,
+            initial=self.profile,
         )
         self._registration = list(self.model.parameters())
         self._relayout(merge_order(self.layout.names, layers), activation_names)

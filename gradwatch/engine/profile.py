@@ -24,6 +24,7 @@ from gradwatch.engine.remedies import Remedy
 from gradwatch.engine.roles import Role, role_of, weight_fans
 from gradwatch.engine.thresholds import (
     INIT_BAND,
+    INIT_SAMPLE,
     MAX_EIG_SIZE,
     ORTHOGONAL_TOLERANCE,
 )
@@ -101,8 +102,14 @@ class ModelProfile:
         *,
         remedies: Iterable[Remedy] = (),
         scaler: object = None,
+        initial: ModelProfile | None = None,
     ) -> ModelProfile:
         """Looks through ``model`` (and ``optimizer``) once, without running it.
+
+        The initialisation (weight scale against He/Xavier, recurrent spectral radius, LSTM
+        forget bias) is measured on the weights as they are now: call it before training, or pass
+        the profile taken then as ``initial`` to keep its measurements (training, and a
+        divergence, change the weights; advice is about how the model started).
 
         Residual structure is a heuristic on names, types and source: a module is a residual block
         when it is a ``nn.TransformerEncoderLayer``/``DecoderLayer``, its class name contains
@@ -116,6 +123,7 @@ class ModelProfile:
             optimizer: Its optimizer, for the learning rate in advice.
             remedies: The gradwatch remedies in use (never advised again).
             scaler: The AMP GradScaler, if any.
+            initial: An earlier profile of this model whose initialisation measurements are kept.
 
         Returns:
             The profile.
@@ -154,8 +162,11 @@ class ModelProfile:
         profile.has_norm = bool(profile.norms)
         profile.residual = bool(residual_paths)
         profile.residual_evidence = tuple(residual_paths)
-        profile._measure_init(weights)
-        profile._measure_recurrent(model)
+        if initial is None:
+            profile._measure_init(weights)
+            profile._measure_recurrent(model)
+        else:
+            profile._keep_initial(initial)
         if optimizer is not None:
             profile._optimizer = optimizer
             profile.optimizer = type(optimizer).__name__
@@ -198,7 +209,9 @@ class ModelProfile:
         if not wholes:
             return
         with torch.no_grad():
-            stds = [w.detach().float().std(unbiased=False).reshape(1) for _, _, w in wholes]
+            stds = [
+                _sample(w.detach()).float().std(unbiased=False).reshape(1) for _, _, w in wholes
+            ]
             host = to_host([torch.cat([s.to(stds[0].device) for s in stds])])[0]
         he, xavier = [], []
         for (path, module, weight), std in zip(wholes, host, strict=True):
@@ -212,6 +225,13 @@ class ModelProfile:
         if he:
             self.he_ratio = float(np.median(he))
             self.xavier_ratio = float(np.median(xavier))
+
+    def _keep_initial(self, initial: ModelProfile) -> None:
+        self.he_ratio, self.xavier_ratio = initial.he_ratio, initial.xavier_ratio
+        self.init_ratios = dict(initial.init_ratios)
+        self.recurrent_radius = initial.recurrent_radius
+        self.recurrent_orthogonal = initial.recurrent_orthogonal
+        self.lstm_forget_bias = initial.lstm_forget_bias
 
     def _measure_recurrent(self, model: nn.Module) -> None:
         radii: list[float] = []
@@ -247,6 +267,13 @@ class ModelProfile:
             self.recurrent_orthogonal = all(orthogonal)
         if forget:
             self.lstm_forget_bias = float(np.mean(forget))
+
+
+def _sample(weight: torch.Tensor) -> torch.Tensor:
+    """``weight``'s elements, or an evenly strided sample of about ``INIT_SAMPLE`` of them."""
+    flat = weight.reshape(-1)
+    stride = flat.numel() // INIT_SAMPLE
+    return flat[::stride] if stride > 1 else flat
 
 
 def _largest_lr(optimizer: torch.optim.Optimizer) -> float | None:
