@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import gradwatch as gw
-from gradwatch.engine.advice import advise
+from gradwatch.engine.advice import advise, merge_advice
 from gradwatch.engine.alerts import AlertKind
 from gradwatch.engine.profile import ModelProfile
 from tests import zoo
@@ -325,3 +325,54 @@ def test_he_initialised_transformers_resnet_counts_as_he_scaled() -> None:
     profile = ModelProfile.inspect(tiny_transformers("resnet"))
     assert profile.he_scaled  # kaiming_normal_(mode="fan_out") on square-ish convolutions
     assert not any("shrink" in item for item in advise(EXPLODING, profile))
+
+
+# ------------------------------------------------------------------ advice that agrees with itself
+
+STAGNATION = AlertKind.STAGNATION
+
+
+def _alert(kind: AlertKind, step: int, advice: tuple[str, ...] = ()) -> gw.Alert:
+    return gw.Alert(kind, step, ("0",), 1.0, 1.0, "warning", f"{kind.value} alert", advice)
+
+
+def test_no_raise_the_learning_rate_for_exactly_zero_gradients() -> None:
+    profile = profile_of(zoo.deep_mlp(nn.ReLU, depth=3), optimizer=None)
+    silent = advise(STAGNATION, profile, layers=["0"], zero_gradients=["0"])
+    assert silent[0].startswith("no gradient reaches 0 (exactly zero)")
+    assert not any(item.startswith("raise the learning rate") for item in silent)
+    moving = advise(STAGNATION, profile, layers=["0", "2"], zero_gradients=["0"])
+    assert "raise the learning rate or check its schedule" in moving  # layer 2 has a gradient
+
+
+def test_no_raise_the_learning_rate_for_parameters_outside_the_optimizer() -> None:
+    model = zoo.deep_mlp(nn.ReLU, depth=3)
+    optimizer = torch.optim.SGD(model[-1].parameters(), lr=0.1)  # only the head
+    profile = profile_of(model, optimizer=optimizer)
+    assert profile.not_optimized == {"0", "2"}
+    advice = advise(STAGNATION, profile, layers=["0", "2"])
+    assert advice[0].startswith("add the parameters of 0, 2 to the optimizer")
+    assert not any(item.startswith("raise the learning rate") for item in advice)
+
+
+def test_an_aftermath_of_a_divergence_points_back_at_it_instead_of_contradicting_it() -> None:
+    model = zoo.deep_mlp(nn.ReLU, depth=3)
+    profile = profile_of(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
+    exploding = _alert(AlertKind.EXPLODING, 3, advise(EXPLODING, profile))
+    after = advise(STAGNATION, profile, layers=["0"], earlier=[exploding])
+    assert after[0].startswith("first fix the exploding alert of step 3")
+    assert not any(
+        item.startswith(("raise the learning rate", "use SGD momentum")) for item in after
+    )
+    alone = advise(STAGNATION, profile, layers=["0"])
+    assert alone[0].startswith("raise the learning rate (now 0.01 for SGD)")
+    assert advise(SPIKE, profile, earlier=[exploding]) == advise(SPIKE, profile)  # not an aftermath
+
+
+def test_merged_advice_never_says_both_lower_and_raise_the_learning_rate() -> None:
+    lower = _alert(SPIKE, 1, ("lower the learning rate (now 0.1 for SGD)", "enable gw.ZClip"))
+    raise_ = _alert(
+        STAGNATION, 50, ("raise the learning rate (now 0.1 for SGD) or check its schedule",)
+    )
+    assert merge_advice([lower, raise_]) == lower.advice
+    assert merge_advice([raise_]) == raise_.advice  # nothing contradicts it

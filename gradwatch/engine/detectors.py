@@ -361,7 +361,10 @@ class NonFiniteDetector(Detector):
     def message(self, value: float, layers: tuple[str, ...]) -> str:
         origin = Origin(int(value)) if value in (0.0, 1.0, 2.0, 3.0) else Origin.BACKWARD
         if origin is Origin.INPUT:
-            return "NaN/Inf in the input batch (origin: input): the tensors entering the model"
+            return (
+                "NaN/Inf in the input batch (origin: input): a tensor entering the model is "
+                "non-finite before any module ran"
+            )
         if origin is Origin.FORWARD and layers:
             if layers[0] == "":
                 return (

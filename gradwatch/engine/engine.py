@@ -932,9 +932,24 @@ class Engine:
             threshold=float(detector.threshold),
             severity=detector.severity,
             message=detector.message(value, layers),
-            advice=advise(detector.kind, self.profile, layers=layers, value=value),
+            advice=advise(
+                detector.kind,
+                self.profile,
+                layers=layers,
+                value=value,
+                earlier=self.book.alerts,
+                zero_gradients=self._zero_gradient_layers(len(steps)),
+            ),
         )
         return self.book.record(alert, int(steps[fired[-1]]), len(fired))
+
+    def _zero_gradient_layers(self, steps: int) -> set[str]:
+        """Layers whose gradient norm was exactly zero at each of the last ``steps`` steps."""
+        norms = self.history.host_norms[-max(steps, 1) :]
+        if not len(norms):
+            return set()
+        zero = ~np.any(norms != 0.0, axis=0)  # NaN is not zero
+        return {name for name, z in zip(self.layer_names, zero, strict=True) if z}
 
     def _overflow_alerts(self, steps: np.ndarray, rows: np.ndarray) -> list[Alert]:
         fired = np.flatnonzero(rows[:, 0] > 0.5)

@@ -65,6 +65,8 @@ class ModelProfile:
         optimizer: Optimizer class name, if known.
         lr: Largest learning rate of the optimizer's groups when inspected, if known.
         momentum: SGD momentum of the first group, if the optimizer has one.
+        not_optimized: Module paths of layers with a trainable parameter that is in none of the
+            optimizer's param groups (never updated), when the optimizer is known.
         remedies: Class names of the gradwatch remedies in use.
         clipping: A gradwatch remedy that clips is in use.
         amp: A GradScaler is in use.
@@ -89,6 +91,7 @@ class ModelProfile:
     optimizer: str | None = None
     lr: float | None = None
     momentum: float | None = None
+    not_optimized: set[str] = field(default_factory=set)
     remedies: set[str] = field(default_factory=set)
     clipping: bool = False
     amp: bool = False
@@ -136,6 +139,11 @@ class ModelProfile:
         )
         residual_paths: list[str] = []
         weights: list[tuple[str, nn.Module, torch.Tensor]] = []
+        optimized = (
+            {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if optimizer is not None
+            else None
+        )
         for path, module in model.named_modules():
             name = type(module).__name__
             role = role_of(module)
@@ -149,6 +157,8 @@ class ModelProfile:
             if _is_residual_block(module):
                 residual_paths.append(path)
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if own and optimized is not None and any(id(p) not in optimized for p in own):
+                profile.not_optimized.add(path)
             if own:
                 profile.depth += 1
                 profile.half_precision |= any(
