@@ -11,7 +11,7 @@ is numbered in the order it happens, so "the first" is the smallest event code, 
 ``torch.minimum`` per event.
 
 When the root's forward never runs (a LightningModule whose ``training_step`` calls
-``self.net(x)``), the entry points move one level down at the next step: its children are checked
+``self.net(x)``), the entry points move one level down after two steps: its children are checked
 instead, and so on. Only forwards with autograd enabled (training) are checked.
 """
 
@@ -99,6 +99,7 @@ class OriginTracer:
         self._entry_handles = Handles(self)
         self._entries = [0]
         self._entry_ran = False
+        self._silent_steps = 0  # steps in a row in which no entry module ran
         self._depth = 0
         self._seq = 0
         self._first_input: torch.Tensor | None = None
@@ -125,7 +126,7 @@ class OriginTracer:
             code = self._event(self._input_slot, _floats(inputs))
             if code is not None:
                 first = self._first_input
-                self._first_input = code if first is None else torch.minimum(first, code)
+                self._first_input = code if first is None else torch.minimum(first, code.to(first))
 
     def _output(self, index: int, output: Any) -> None:
         if torch.is_grad_enabled():
@@ -134,13 +135,13 @@ class OriginTracer:
             code = self._event(index, _floats(output))
             if code is not None:
                 first = self._first_output
-                self._first_output = code if first is None else torch.minimum(first, code)
+                self._first_output = code if first is None else torch.minimum(first, code.to(first))
 
     def _event(self, slot: int, tensors: Iterator[torch.Tensor]) -> torch.Tensor | None:
         """The event's code (its number and slot) if a tensor is non-finite, else the no-event
         code; None without a floating-point tensor. A few device ops, no host read."""
         total: torch.Tensor | None = None
-        for tensor in tensors:
+        for tensor in tensors:  # (the event code lives where the first tensor is)
             # a sum carries NaN and Inf (a finite sum beyond the float range counts as Inf)
             part = tensor.detach().sum(dtype=torch.float32 if tensor.dtype in _HALF else None)
             total = part if total is None else total + part.to(total.device)
@@ -153,14 +154,18 @@ class OriginTracer:
     def collect(self, device: torch.device) -> ForwardChecks | None:
         """This step's checks, then clears them; None if no checked forward ran since.
 
-        When the entry modules never ran since the tracer was built, the next level of modules
-        becomes the entry points (see the module docstring).
+        When the entry modules never ran since the tracer was built, for two steps in a row (the
+        first step's forward may predate the tracer), the next level of modules becomes the entry
+        points (see the module docstring).
         """
         first_input, first_output = self._first_input, self._first_output
         ran = self._seq > 0
         self.clear()
         if not self._entry_ran and self._depth < _MAX_ENTRY_DEPTH:
-            self._descend()
+            self._silent_steps += 1
+            if self._silent_steps >= 2:
+                self._silent_steps = 0
+                self._descend()
         if not ran:
             return None
         none = torch.full((), _NONE, dtype=torch.long, device=device)
