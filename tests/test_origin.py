@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,3 +259,40 @@ def test_no_host_sync_in_step_with_the_origin_checks(check_activations: bool) ->
     watch.close()
     assert [counts for step, counts in enumerate(per_step) if (step + 1) % 5] == [{}] * 8
     assert _nonfinite(watch).value == gw.Origin.INPUT
+
+
+def test_lightning_module_calling_its_net_directly_gets_the_input_origin(tmp_path: Path) -> None:
+    pl = pytest.importorskip("pytorch_lightning")
+    from gradwatch.lightning import GradWatchCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+        def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            if self.global_step == 4:
+                x = x.clone()
+                x[0, 0] = float("nan")
+            return nn.functional.mse_loss(self.net(x), y)  # the root's forward never runs
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    data = torch.utils.data.TensorDataset(torch.randn(128, 8), torch.randn(128, 1))
+    callback = GradWatchCallback(log_every_n_steps=2)
+    trainer = pl.Trainer(
+        callbacks=[callback],
+        max_steps=6,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=16))
+    (alert,) = [a for a in callback.alerts if a.kind is gw.AlertKind.NONFINITE]
+    assert alert.step == 4 and alert.value == gw.Origin.INPUT
