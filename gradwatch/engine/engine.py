@@ -937,7 +937,7 @@ class Engine:
                 self.profile,
                 layers=layers,
                 value=value,
-                earlier=self.book.alerts,
+                earlier=[a for a in self.book.alerts if a.step <= steps[first]],
                 zero_gradients=self._zero_gradient_layers(len(steps)),
             ),
         )
