@@ -28,6 +28,7 @@ _EXPORTS = {
     "LoggerMetricsSink": "gradwatch.sinks.metrics",
     "MlflowSink": "gradwatch.sinks.mlflow",
     "NonFiniteDetector": "gradwatch.engine.detectors",
+    "Origin": "gradwatch.engine.origin",
     "Remedy": "gradwatch.engine.remedies",
     "SaturationDetector": "gradwatch.engine.detectors",
     "Sink": "gradwatch.sinks.base",
@@ -59,6 +60,7 @@ __all__ = [
     "LoggerMetricsSink",
     "MlflowSink",
     "NonFiniteDetector",
+    "Origin",
     "Remedy",
     "SaturationDetector",
     "Sink",
@@ -103,6 +105,7 @@ if TYPE_CHECKING:
         VanishingDetector,
     )
     from gradwatch.engine.observation import StepReport
+    from gradwatch.engine.origin import Origin
     from gradwatch.engine.remedies import (
         AGC,
         AutoClip,

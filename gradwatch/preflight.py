@@ -206,7 +206,7 @@ def audit(
         profile.residual = True
         profile.residual_evidence = (*profile.residual_evidence, f"traced ({skips} skip additions)")
     alerts = [
-        dataclasses.replace(a, advice=advise(a.kind, profile, layers=a.layers))
+        dataclasses.replace(a, advice=advise(a.kind, profile, layers=a.layers, value=a.value))
         for a in watch.alerts
     ]
     first_last = rows[0].rms_ratio if rows else float("nan")

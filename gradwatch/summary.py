@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gradwatch.engine.advice import explain, merge_advice
 from gradwatch.engine.alerts import Alert
 from gradwatch.engine.history import NormHistory
 from gradwatch.engine.text import display_name, fmt, format_layers
@@ -30,7 +31,11 @@ def format_summary(
     alerts: list[Alert],
     episodes: list[Episode],
 ) -> str:
-    """A compact text diagnosis: norms of the worst layers, alerts and advice.
+    """A compact text diagnosis: norms of the worst layers, alerts, their story and advice.
+
+    The advice of every alert is merged, without contradictions (see
+    :func:`~gradwatch.engine.advice.merge_advice`); a divergence followed by alerts it commonly
+    causes is told as one story (:func:`~gradwatch.engine.advice.explain`).
 
     Reads host values only (flush first, so that every recorded step is in the history mirror).
 
@@ -94,7 +99,6 @@ def _layer_values(names: list[str], values: np.ndarray, indices: np.ndarray) -> 
 
 def _alert_lines(alerts: list[Alert], episodes: dict[int, tuple[int, int]]) -> list[str]:
     lines = [f"alerts ({len(alerts)}):"]
-    advice: dict[str, None] = {}
     for alert in alerts:
         span = ""
         if id(alert) in episodes:
@@ -106,7 +110,10 @@ def _alert_lines(alerts: list[Alert], episodes: dict[int, tuple[int, int]]) -> l
             f"  [{alert.severity}] {alert.kind.value} from step {alert.step}{span}{where}: "
             f"{alert.message}"
         )
-        advice.update(dict.fromkeys(alert.advice))
+    story = explain(alerts)
+    if story is not None:
+        lines.append(f"story: {story}")
+    advice = merge_advice(alerts)
     if advice:
         lines.append("advice:")
         lines += [f"  - {item}" for item in advice]

@@ -26,7 +26,10 @@ SECTIONS: list[tuple[str, list[str]]] = [
         "Watching a training loop",
         ["gradwatch.GradWatch", "gradwatch.StepReport", "gradwatch.WatchConfig"],
     ),
-    ("Alerts", ["gradwatch.Alert", "gradwatch.AlertKind", "gradwatch.GradientError"]),
+    (
+        "Alerts",
+        ["gradwatch.Alert", "gradwatch.AlertKind", "gradwatch.Origin", "gradwatch.GradientError"],
+    ),
     (
         "Detectors",
         [

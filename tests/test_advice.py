@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 import gradwatch as gw
-from gradwatch.engine.advice import advise
+from gradwatch.engine.advice import advise, merge_advice
 from gradwatch.engine.alerts import AlertKind
 from gradwatch.engine.profile import ModelProfile
 from tests import zoo
+from tests.tiny_models import tiny_transformers
 
 VANISHING, EXPLODING, SPIKE = AlertKind.VANISHING, AlertKind.EXPLODING, AlertKind.SPIKE
 
@@ -239,3 +240,139 @@ def test_profile_reads_activations_norms_recurrence_and_depth() -> None:
     assert not profile.recurrent
     rnn = ModelProfile.inspect(zoo.SequenceRegressor("GRU"))
     assert rnn.recurrent == {"GRU"} and not rnn.plain_rnn
+
+
+# ------------------------------------------------------------- residual blocks of real libraries
+
+
+@pytest.mark.parametrize(
+    ("name", "blocks"),
+    [
+        ("bert", {"BertSelfOutput", "BertOutput"}),  # LayerNorm(hidden_states + input_tensor)
+        ("gpt2", {"GPT2Block"}),  # hidden_states = attn_output + residual
+        ("llama", {"LlamaDecoderLayer"}),  # hidden_states = residual + hidden_states
+        ("vit", {"ViTLayer"}),  # hidden_states = hidden_states + residual
+        ("convnext", {"ConvNextLayer"}),  # residual + self.drop_path(features)
+        ("resnet", {"ResNetBottleNeckLayer"}),  # shortcut child, hidden_state += residual
+    ],
+)
+def test_residual_blocks_of_transformers_models_are_recognised_and_nothing_else(
+    name: str, blocks: set[str]
+) -> None:
+    model = tiny_transformers(name)
+    profile = ModelProfile.inspect(model)
+    assert profile.residual
+    found = {type(model.get_submodule(path)).__name__ for path in profile.residual_evidence}
+    assert found == blocks  # no activation (x + 0.04 * x**3), attention mask or root model
+    assert "add residual (skip) connections" not in advise(VANISHING, profile)
+
+
+def test_parallel_branches_and_tuple_concatenation_are_not_skip_connections() -> None:
+    class Collects(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, keep: bool = True) -> tuple[torch.Tensor, ...]:
+            states = () if keep else None
+            h = self.fc(x)
+            assert states is not None
+            states = states + (h,)  # noqa: RUF005 (the pattern under test)
+            return states
+
+    assert not ModelProfile.inspect(Collects()).residual
+    assert not ModelProfile.inspect(ParallelBranches(4)).residual
+
+
+# ------------------------------------------------------------ initialisation, measured at the start
+
+
+def test_large_weights_are_profiled_on_a_sample_with_the_same_result() -> None:
+    torch.manual_seed(0)
+    big = nn.Linear(1024, 1024)  # 1M elements: sampled
+    nn.init.kaiming_normal_(big.weight, nonlinearity="relu")
+    exact = float(big.weight.detach().std(unbiased=False)) / (2.0 / 1024) ** 0.5
+    profile = ModelProfile.inspect(big)
+    assert profile.he_ratio == pytest.approx(exact, rel=0.02)
+    assert profile.he_ratio == pytest.approx(1.0, rel=0.02)
+
+
+def test_initialisation_is_kept_from_the_start_when_the_model_changes_later() -> None:
+    """A divergence that blows the weights up must not turn into "shrink the initial weights"."""
+    torch.manual_seed(0)
+    model = zoo.relu_he_bn_mlp(depth=4)
+    watch = gw.GradWatch(model, log_every_n_steps=1)
+    start = watch.engine.profile.he_ratio
+    assert watch.engine.profile.he_scaled
+    x = torch.randn(8, 16)
+    model(x).sum().backward()
+    watch.step()
+    with torch.no_grad():  # the run "blew up" ...
+        for param in model.parameters():
+            param.mul_(50.0)
+    model[-1] = nn.Linear(32, 1)  # ... and then the model changed: its layers are read again
+    model.zero_grad()
+    model(x).sum().backward()
+    with pytest.warns(RuntimeWarning, match="model changed"):
+        watch.step()
+    watch.close()
+    assert watch.engine.profile.he_ratio == start
+    assert not any("shrink" in item for item in advise(EXPLODING, watch.engine.profile))
+    assert ModelProfile.inspect(model).he_ratio > 10 * start  # what re-measuring would say
+
+
+def test_he_initialised_transformers_resnet_counts_as_he_scaled() -> None:
+    profile = ModelProfile.inspect(tiny_transformers("resnet"))
+    assert profile.he_scaled  # kaiming_normal_(mode="fan_out") on square-ish convolutions
+    assert not any("shrink" in item for item in advise(EXPLODING, profile))
+
+
+# ------------------------------------------------------------------ advice that agrees with itself
+
+STAGNATION = AlertKind.STAGNATION
+
+
+def _alert(kind: AlertKind, step: int, advice: tuple[str, ...] = ()) -> gw.Alert:
+    return gw.Alert(kind, step, ("0",), 1.0, 1.0, "warning", f"{kind.value} alert", advice)
+
+
+def test_no_raise_the_learning_rate_for_exactly_zero_gradients() -> None:
+    profile = profile_of(zoo.deep_mlp(nn.ReLU, depth=3), optimizer=None)
+    silent = advise(STAGNATION, profile, layers=["0"], zero_gradients=["0"])
+    assert silent[0].startswith("no gradient reaches 0 (exactly zero)")
+    assert not any(item.startswith("raise the learning rate") for item in silent)
+    moving = advise(STAGNATION, profile, layers=["0", "2"], zero_gradients=["0"])
+    assert "raise the learning rate or check its schedule" in moving  # layer 2 has a gradient
+
+
+def test_no_raise_the_learning_rate_for_parameters_outside_the_optimizer() -> None:
+    model = zoo.deep_mlp(nn.ReLU, depth=3)
+    optimizer = torch.optim.SGD(model[-1].parameters(), lr=0.1)  # only the head
+    profile = profile_of(model, optimizer=optimizer)
+    assert profile.not_optimized == {"0", "2"}
+    advice = advise(STAGNATION, profile, layers=["0", "2"])
+    assert advice[0].startswith("add the parameters of 0, 2 to the optimizer")
+    assert not any(item.startswith("raise the learning rate") for item in advice)
+
+
+def test_an_aftermath_of_a_divergence_points_back_at_it_instead_of_contradicting_it() -> None:
+    model = zoo.deep_mlp(nn.ReLU, depth=3)
+    profile = profile_of(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01))
+    exploding = _alert(AlertKind.EXPLODING, 3, advise(EXPLODING, profile))
+    after = advise(STAGNATION, profile, layers=["0"], earlier=[exploding])
+    assert after[0].startswith("first fix the exploding alert of step 3")
+    assert not any(
+        item.startswith(("raise the learning rate", "use SGD momentum")) for item in after
+    )
+    alone = advise(STAGNATION, profile, layers=["0"])
+    assert alone[0].startswith("raise the learning rate (now 0.01 for SGD)")
+    assert advise(SPIKE, profile, earlier=[exploding]) == advise(SPIKE, profile)  # not an aftermath
+
+
+def test_merged_advice_never_says_both_lower_and_raise_the_learning_rate() -> None:
+    lower = _alert(SPIKE, 1, ("lower the learning rate (now 0.1 for SGD)", "enable gw.ZClip"))
+    raise_ = _alert(
+        STAGNATION, 50, ("raise the learning rate (now 0.1 for SGD) or check its schedule",)
+    )
+    assert merge_advice([lower, raise_]) == lower.advice
+    assert merge_advice([raise_]) == raise_.advice  # nothing contradicts it

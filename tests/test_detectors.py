@@ -370,8 +370,8 @@ def test_nonfinite_names_the_deepest_nonfinite_layer_first() -> None:
     (alert,) = [a for a in report.alerts if a.kind is gw.AlertKind.NONFINITE]
     # The NaN enters the backward pass after layer 3: layers 0..3 are poisoned, 4 and 5 are fine.
     assert alert.layers == ("layers.3", "layers.2", "layers.1", "layers.0")
-    assert alert.severity == "error" and alert.step == 1 and alert.value == 4.0
-    assert "at layer layers.3 " in alert.message
+    assert alert.severity == "error" and alert.step == 1 and alert.value == gw.Origin.BACKWARD
+    assert "origin: backward" in alert.message and "at layer layers.3 " in alert.message
 
 
 def test_nonfinite_loss_fires_and_raise_policy_raises_gradient_error() -> None:
@@ -382,7 +382,7 @@ def test_nonfinite_loss_fires_and_raise_policy_raises_gradient_error() -> None:
     watch.close()
     (alert,) = watch.alerts
     assert alert.kind is gw.AlertKind.NONFINITE and alert.layers == ()
-    assert "loss" in alert.message
+    assert "origin: loss" in alert.message
 
     raising = gw.GradWatch(model, nonfinite="raise", log_every_n_steps=10)
     model.zero_grad()
@@ -393,7 +393,8 @@ def test_nonfinite_loss_fires_and_raise_policy_raises_gradient_error() -> None:
     with pytest.raises(gw.GradientError) as caught:
         raising.step()
     assert caught.value.alert.kind is gw.AlertKind.NONFINITE
-    assert caught.value.alert.layers == ("",) and caught.value.alert.step == 1
+    assert caught.value.alert.layers == () and caught.value.alert.step == 1
+    assert "origin: input" in caught.value.alert.message
     raising.close()
 
 

@@ -177,7 +177,7 @@ def test_nonfinite_names_the_deepest_nonfinite_layer_or_the_loss() -> None:
     assert layers.fired.tolist() == [True]
     assert layers.scores is not None and layers.scores[0].argmax() == 2  # deepest first
     loss = detector.observe(factories.observation([1.0] * 4, loss_finite=False))
-    assert loss.fired.tolist() == [True] and loss.value.tolist() == [0.0]
+    assert loss.fired.tolist() == [True] and loss.value.tolist() == [float(gw.Origin.LOSS)]
     assert not detector.observe(factories.observation([1.0] * 4)).fired.any()
 
 

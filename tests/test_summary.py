@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import torch
 from torch import nn
 
 import gradwatch as gw
+from gradwatch.demo import run_scenario
 from gradwatch.engine.alerts import AlertKind
 from gradwatch.engine.observation import Detection, Observation
 from tests import zoo
@@ -129,3 +133,67 @@ def test_watch_alert_advice_leaves_out_the_remedies_in_use() -> None:
     (alert,) = watch.alerts
     assert alert.advice == ("lower the learning rate (now 0.1 for SGD)", "enable gw.LRBackoff")
     watch.close()
+
+
+class FiresFrom(AlwaysFires):
+    """Test-only detector: fires from step ``start`` on."""
+
+    def __init__(self, kind: AlertKind, start: int) -> None:
+        super().__init__(kind)
+        self.start = start
+
+    def observe(self, obs: Observation) -> Detection:
+        detection = super().observe(obs)
+        fired = torch.tensor([step >= self.start for step in obs.steps])
+        return Detection(fired=fired, value=detection.value, scores=detection.scores)
+
+
+def _watch_with(detectors: list[gw.Detector]) -> tuple[gw.GradWatch, nn.Module]:
+    torch.manual_seed(0)
+    model = zoo.deep_mlp(nn.ReLU, depth=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return gw.GradWatch(model, optimizer, log_every_n_steps=5, detectors=detectors), model
+
+
+def test_summary_tells_an_explosion_and_its_aftermath_as_one_story() -> None:
+    watch, model = _watch_with(
+        [FiresFrom(AlertKind.EXPLODING, 0), FiresFrom(AlertKind.STAGNATION, 7)]
+    )
+    train(watch, model, steps=12)
+    exploding, stagnation = watch.alerts
+    assert exploding.kind is AlertKind.EXPLODING
+    assert stagnation.advice[0] == (
+        "first fix the exploding alert of step 0 (its advice): stagnation after a divergence is "
+        "usually its consequence"
+    )
+    text = watch.summary()
+    assert (
+        "story: exploding at step 0 came first; the stagnation (from step 7) that followed is "
+        "likely its consequence: fix the exploding first"
+    ) in text
+    advice = text.split("advice:\n", 1)[1].splitlines()
+    assert advice[0] == "  - lower the learning rate (now 0.1 for SGD)"
+    assert not any("raise the learning rate" in line or "first fix" in line for line in advice)
+    watch.close()
+
+
+def test_summary_without_a_divergence_tells_no_story_and_may_raise_the_learning_rate() -> None:
+    watch, model = _watch_with([FiresFrom(AlertKind.STAGNATION, 2)])
+    train(watch, model, steps=6)
+    text = watch.summary()
+    assert "story:" not in text
+    assert "  - raise the learning rate (now 0.1 for SGD) or check its schedule" in text
+    watch.close()
+
+
+def test_the_exploding_rnn_demo_summary_does_not_contradict_itself(tmp_path: Path) -> None:
+    result = run_scenario("exploding", tmp_path, out=io.StringIO())
+    kinds = [alert.kind for alert in result.alerts]
+    assert kinds[0] is AlertKind.EXPLODING
+    advice = result.diagnosis.split("advice:\n", 1)[1].splitlines()
+    assert any("lower the learning rate" in line for line in advice)
+    assert not any("raise the learning rate" in line for line in advice)
+    for alert in result.alerts[1:]:
+        if alert.kind in (AlertKind.VANISHING, AlertKind.STAGNATION, AlertKind.SATURATION):
+            assert alert.advice[0].startswith("first fix the exploding alert of step")
+            assert "story: exploding at step" in result.diagnosis

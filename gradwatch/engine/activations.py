@@ -10,12 +10,17 @@ call during training (autograd enabled) reduces its output on the device, withou
   :data:`~gradwatch.engine.thresholds.SATURATION_MARGIN` of a bound of the output range);
 - rectifiers (ReLU, ReLU6, library ReLU variants): per unit, whether it produced a positive output
   during the step; across steps, how many steps each unit has been idle. A unit is a feature: the
-  channel dimension (dim 1) of 4-d and 5-d outputs (convolutions), otherwise the last dimension;
-- every hooked module: whether its output holds a NaN/Inf, so the first non-finite output in forward
-  order can be named.
+  channel dimension (dim 1) of 4-d and 5-d outputs (convolutions), otherwise the last dimension.
 
-Functional activations (``torch.sigmoid(x)``, ``F.relu(x)`` inside a ``forward``, the gates inside
-``nn.LSTM``) are not modules and cannot be hooked.
+Smooth activations (GELU, SiLU, Mish...) are hooked and recorded as ran, but neither count: they are
+not bounded (no flat region to saturate in) and have no exact-zero region where a unit can die
+(GELU's minimum is about -0.17, its gradient is zero at one point only). Which module produced the
+first NaN/Inf is :mod:`gradwatch.engine.origin`'s job (every module, not only activations).
+
+Functional activations (``torch.sigmoid(x)``, ``F.relu(x)`` inside a ``forward``) are not modules
+and cannot be hooked. ``nn.LSTM``/``nn.GRU`` compute their sigmoid/tanh gates inside one fused cell:
+there is no gate module to hook and no gate output to read, so recurrent gates are not monitored
+(the recurrent model's gradient norms and the advice cover them).
 """
 
 from __future__ import annotations
@@ -42,8 +47,6 @@ class ActivationStats:
         saturated: ``[M]`` fraction of outputs in the flat regions per module (0 for modules that
             are not saturating or did not run).
         ran: ``[M]`` bool: the module ran (with autograd enabled) during this step.
-        nonfinite: ``[M]`` bool: the module's output held a NaN/Inf during this step.
-        forward_rank: ``[M]`` float: position of each module in the forward order (first forward).
         idle_steps: ``[U]`` float: per rectifier unit (all rectifier modules' units concatenated),
             steps in a row without a positive output, this step included.
         unit_module: ``[U]`` long: the module index of each unit.
@@ -52,8 +55,6 @@ class ActivationStats:
 
     saturated: torch.Tensor
     ran: torch.Tensor
-    nonfinite: torch.Tensor
-    forward_rank: torch.Tensor
     idle_steps: torch.Tensor
     unit_module: torch.Tensor
     units: torch.Tensor
@@ -99,13 +100,11 @@ class ActivationMonitor:
             )
         count = len(self.names)
         self._saturated: list[list[tuple[torch.Tensor, int]]] = [[] for _ in range(count)]
-        self._nonfinite: list[list[torch.Tensor]] = [[] for _ in range(count)]
+        self._ran = [False] * count
         self._active: list[torch.Tensor | None] = [None] * count
-        self._order: list[int] = []
-        self._seen: set[int] = set()
-        self._rank: torch.Tensor | None = None
         self._ran_masks: dict[tuple[bool, ...], torch.Tensor] = {}
         self._device: torch.device | None = None
+        self._output_device = torch.device("cpu")  # of the latest hooked output
         self._idle = torch.zeros(0)  # [U] steps idle per unit, modules in first-run order
         self._unit_module = torch.zeros(0, dtype=torch.long)
         self._offsets: dict[int, tuple[int, int]] = {}  # module -> (start, units) in ``_idle``
@@ -115,10 +114,8 @@ class ActivationMonitor:
         if not isinstance(output, torch.Tensor) or not torch.is_grad_enabled():
             return
         output = output.detach()
-        if index not in self._seen:
-            self._seen.add(index)
-            self._order.append(index)
-            self._rank = None
+        self._ran[index] = True
+        self._output_device = output.device
         if (
             output.layout != torch.strided  # sparse (COO, CSR...) outputs: nothing to reduce here
             or output.is_nested
@@ -130,7 +127,10 @@ class ActivationMonitor:
         if role is Role.SATURATING:
             low, high = self._bounds[index]
             flat = (output < low) | (output > high)
-            self._saturated[index].append((flat.sum(), output.numel()))
+            counts = self._saturated[index]
+            counts.append((flat.sum(), output.numel()))
+            if len(counts) >= _FOLD_AFTER:  # many forwards without a step: keep memory bounded
+                counts[:] = [(_add(c for c, _ in counts), sum(n for _, n in counts))]
         elif role is Role.RECTIFIER:
             unit_dim = 1 if output.dim() >= 4 else output.dim() - 1
             other = tuple(d for d in range(output.dim()) if d != unit_dim)
@@ -141,20 +141,14 @@ class ActivationMonitor:
                 self._active[index] = active
             else:
                 seen.logical_or_(active)
-        entries = self._nonfinite[index]
-        entries.append(~torch.isfinite(output.sum(dtype=torch.float32)))
-        if len(entries) >= _FOLD_AFTER:  # many forwards without a step: keep memory bounded
-            entries[:] = [_add(entries)]
-            counts = self._saturated[index]
-            if counts:
-                counts[:] = [(_add(c for c, _ in counts), sum(n for _, n in counts))]
 
     def collect(self) -> ActivationStats | None:
         """This step's statistics, then clears them; None if no hooked forward ran since."""
-        ran = tuple(bool(entries) for entries in self._nonfinite)
+        ran = tuple(self._ran)
         if not any(ran):
             return None
-        device = next(t for entries in self._nonfinite for t in entries).device
+        self._ran = [False] * len(ran)
+        device = self._output_device
         if self._device != device:
             self._device = device
             self._ran_masks = {}
@@ -163,16 +157,12 @@ class ActivationMonitor:
             self._units = self._units.to(device)
         zero = torch.zeros((), device=device)
         saturated = []
-        nonfinite = []
-        for index, entries in enumerate(self._nonfinite):
-            counts = self._saturated[index]
+        for counts in self._saturated:
             if counts:
                 total = sum(numel for _, numel in counts)
-                saturated.append(_add(count for count, _ in counts).float() / total)
+                saturated.append(_add(count for count, _ in counts).float().to(device) / total)
             else:
                 saturated.append(zero)
-            nonfinite.append(_add(entries).float() if entries else zero)
-            entries.clear()
             counts.clear()
         ran_mask = self._ran_masks.get(ran)
         if ran_mask is None:
@@ -181,8 +171,6 @@ class ActivationMonitor:
         return ActivationStats(
             saturated=torch.stack(saturated),
             ran=ran_mask,
-            nonfinite=torch.stack(nonfinite) > 0,
-            forward_rank=self._forward_rank(device),
             idle_steps=self._idle,
             unit_module=self._unit_module,
             units=self._units,
@@ -237,13 +225,6 @@ class ActivationMonitor:
     def remove(self) -> None:
         """Removes every hook this monitor installed."""
         self._handles.remove()
-
-    def _forward_rank(self, device: torch.device) -> torch.Tensor:
-        if self._rank is None or self._rank.device != device:
-            position = {index: rank for rank, index in enumerate(self._order)}
-            ranks = [float(position.get(i, len(self.names))) for i in range(len(self.names))]
-            self._rank = torch.tensor(ranks, device=device)
-        return self._rank
 
 
 def activation_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -23,6 +23,7 @@ from gradwatch.engine.alerts import AlertKind
 from gradwatch.engine.checks import check_fraction, check_int, check_number
 from gradwatch.engine.component import Component
 from gradwatch.engine.observation import Detection, Observation, finite
+from gradwatch.engine.origin import Origin
 from gradwatch.engine.roles import Role, role_of
 from gradwatch.engine.text import format_layers
 from gradwatch.engine.thresholds import (
@@ -294,14 +295,23 @@ class SpikeDetector(Detector):
 
 
 class NonFiniteDetector(Detector):
-    """NaN/Inf in gradients, in the loss, and (with ``check_activations=True``) in activations.
+    """NaN/Inf in gradients, in the loss, or in the model's output, and where it came from.
 
-    The alert names, most responsible first: the first activation module in forward order whose
-    output is non-finite (where the forward pass broke), then the layers with non-finite gradients,
-    deepest first (backward starts at the output, so the deepest non-finite layer is where the
-    backward pass met the NaN first). A loss that is NaN/Inf fires too. AMP overflow steps (a
-    GradScaler still backing off) are not reported here: the engine records them as
-    ``AMP_OVERFLOW``. Severity ``"error"``.
+    The origin (the alert's ``value``, an :class:`~gradwatch.engine.origin.Origin`) is decided on
+    the device, first match wins:
+
+    - ``input``: a floating-point tensor entering the model was non-finite before any checked
+      output was (the data pipeline);
+    - ``forward``: a checked output was non-finite, its inputs finite: the model's output by
+      default, or with ``check_activations=True`` the first module in forward order (any module)
+      whose output was, which the alert names;
+    - ``loss``: the model's output finite, the loss passed to ``step()`` not;
+    - ``backward``: the loss finite, a gradient not; the alert names the layers with non-finite
+      gradients, deepest first (backward meets the NaN there first).
+
+    It fires when a gradient, the loss or a checked output is non-finite (a NaN input that the
+    model masks out stays quiet). AMP overflow steps (a GradScaler still backing off) are not
+    reported: the engine records them as ``AMP_OVERFLOW``. Severity ``"error"``.
     """
 
     kind = AlertKind.NONFINITE
@@ -310,48 +320,73 @@ class NonFiniteDetector(Detector):
     def __init__(self) -> None:
         super().__init__(0.0)
         self._depth = torch.zeros(0)
-        self._no_activation = torch.zeros(0)
+        self._module_index = torch.zeros(0)
 
     def prepare(self) -> None:
         layout = self.layout
         num_layers = layout.num_layers
         self._depth = 1.0 + torch.arange(1, num_layers + 1, device=layout.device) / (num_layers + 1)
-        self._no_activation = torch.zeros(len(layout.activation_names), device=layout.device)
+        self._module_index = torch.arange(len(layout.modules), device=layout.device)
 
     def candidate_names(self) -> list[str]:
-        return self.layout.names + list(self.layout.activation_names)
+        return self.layout.names + list(self.layout.modules)
 
     def observe(self, obs: Observation) -> Detection:
-        real = ~obs.overflow
-        bad_layers = ~finite(obs.norms[0]) & real
-        fired = (~obs.grads_finite & real) | ~obs.loss_finite
-        scores = torch.where(bad_layers, self._depth, 0.0)
-        value = bad_layers.sum().float().reshape(1)
-        count = len(self.layout.activation_names)
-        if count:
-            stats = obs.activations
-            if stats is None:
-                activation_scores = self._no_activation
-            else:
-                fired = fired | stats.nonfinite.any()
-                order = 3.0 + (count - stats.forward_rank) / (count + 1)
-                activation_scores = stats.nonfinite.float() * order
-            scores = torch.cat([scores, activation_scores])
-        return Detection(fired=fired, value=value, scores=scores[None])
+        real = ~obs.overflow[0]
+        grads_bad = ~obs.grads_finite[0]
+        loss_bad = ~obs.loss_finite[0]
+        checks = obs.forward
+        if checks is None:
+            input_bad = output_bad = torch.zeros((), dtype=torch.bool, device=real.device)
+            module_hit = torch.zeros_like(self._module_index, dtype=torch.bool)
+        else:
+            input_bad, output_bad = checks.input_first, checks.output_bad
+            module_hit = self._module_index == checks.module
+        fired = ((grads_bad | output_bad) & real) | loss_bad
+        origin = torch.where(
+            input_bad,
+            float(Origin.INPUT),
+            torch.where(
+                output_bad,
+                float(Origin.FORWARD),
+                torch.where(loss_bad, float(Origin.LOSS), float(Origin.BACKWARD)),
+            ),
+        )
+        backward = origin == float(Origin.BACKWARD)
+        layer_scores = torch.where(~finite(obs.norms[0]) & backward, self._depth, 0.0)
+        module_scores = (module_hit & (origin == float(Origin.FORWARD))).float()
+        scores = torch.cat([layer_scores, module_scores])
+        return Detection(fired=fired[None], value=origin[None], scores=scores[None])
 
     def message(self, value: float, layers: tuple[str, ...]) -> str:
-        if layers and layers[0] in self.layout.activation_names:
+        origin = Origin(int(value)) if value in (0.0, 1.0, 2.0, 3.0) else Origin.BACKWARD
+        if origin is Origin.INPUT:
             return (
-                f"NaN/Inf first appears in the forward pass, in the output of "
-                f"{format_layers(layers[:1])}; {value:g} layer gradient(s) are non-finite"
+                "NaN/Inf in the input batch (origin: input): a tensor entering the model is "
+                "non-finite before any module ran"
             )
+        if origin is Origin.FORWARD and layers:
+            if layers[0] == "":
+                return (
+                    "NaN/Inf first appears in the forward pass (origin: forward), in the model's "
+                    "output, with finite inputs (check_activations=True names the first module "
+                    "whose output is non-finite)"
+                )
+            return (
+                "NaN/Inf first appears in the forward pass (origin: forward), in the output of "
+                f"{layers[0]!r}, with finite inputs"
+            )
+        if origin is Origin.FORWARD:
+            return "NaN/Inf first appears in the forward pass (origin: forward)"
+        if origin is Origin.LOSS:
+            return "the loss is NaN/Inf while the model's output is finite (origin: loss)"
         if layers:
             return (
-                f"NaN/Inf gradients start at layer {format_layers(layers[:1])} (the deepest "
-                f"non-finite layer, where the backward pass met them first); {value:g} layer(s) "
-                "affected"
+                f"NaN/Inf gradients with a finite loss (origin: backward), first at layer "
+                f"{format_layers(layers[:1])} (the deepest non-finite layer, where the backward "
+                f"pass met them first); {len(layers)} layer(s) affected"
             )
-        return "the loss passed to step() is NaN/Inf"
+        return "NaN/Inf gradients with a finite loss (origin: backward)"
 
 
 class SaturationDetector(Detector):

@@ -60,6 +60,7 @@ from gradwatch.engine.optimizer import (
     step_source,
     unwrap_optimizer,
 )
+from gradwatch.engine.origin import OriginTracer
 from gradwatch.engine.output_layer import OutputCapture, output_layers
 from gradwatch.engine.probe import GradientProbe
 from gradwatch.engine.profile import ModelProfile
@@ -150,7 +151,8 @@ class Engine:
                 )
         self.activations = ActivationMonitor(self.model) if self.config.check_activations else None
         activation_names = self.activations.names if self.activations is not None else ()
-        self.layout = Layout.build(layers, activation_names)
+        self.origin = OriginTracer(self.model, modules=self.config.check_activations)
+        self.layout = Layout.build(layers, activation_names, self.origin.names)
         self.profile = ModelProfile.inspect(
             self.model, self.optimizer, remedies=self.remedies, scaler=scaler
         )
@@ -293,6 +295,7 @@ class Engine:
         loss_finite = self._loss_finite(loss)
         overflow = self._amp_overflow(grads_finite)
         activations = self.activations.collect() if self.activations is not None else None
+        forward = self.origin.collect(self.layout.device)
         if activations is None and self.activations is not None and self.activations.names:
             self._warn_once(
                 "activations-silent",
@@ -313,6 +316,7 @@ class Engine:
             update_ratio=update_ratio,
             update_applied=self._previous_applied if update_ratio is not None else None,
             activations=activations,
+            forward=forward,
         )
         flags: dict[AlertKind, torch.Tensor] = {}
         for detector, pending in zip(self.detectors, self._pending, strict=True):
@@ -368,6 +372,7 @@ class Engine:
         flush_due = (step + 1) // cadence > self.step_count // cadence
         if self.config.track_updates:
             self._measure_updates(step)
+        self.origin.clear()  # this step's forward is not judged
         if flush_due:
             self._weight_norms = self.probe.weight_sq_norms().sqrt()
         self.step_count = step + 1
@@ -477,6 +482,7 @@ class Engine:
     def close(self) -> None:
         """Removes every hook and restores the optimizer; the engine records nothing more."""
         self._order.remove()
+        self.origin.remove()
         if self.activations is not None:
             self.activations.remove()
         if self._source is not None:
@@ -608,8 +614,14 @@ class Engine:
             self.activations = ActivationMonitor(self.model)
             self.activations.load_state_dict(saved)
             activation_names = tuple(self.activations.names)
-        self.profile = ModelProfile.inspect(
-            self.model, self.optimizer, remedies=self.remedies, scaler=self.scaler
+        self.origin.remove()
+        self.origin = OriginTracer(self.model, modules=self.config.check_activations)
+        self.profile = ModelProfile.inspect(  # the initialisation as measured at the start
+            self.model,
+            self.optimizer,
+            remedies=self.remedies,
+            scaler=self.scaler,
+            initial=self.profile,
         )
         self._registration = list(self.model.parameters())
         self._relayout(merge_order(self.layout.names, layers), activation_names)
@@ -635,7 +647,7 @@ class Engine:
         previous = {name: index for index, name in enumerate(self.layout.names)}
         if activation_names is None:
             activation_names = self.layout.activation_names
-        self.layout = Layout.build(layers, activation_names)
+        self.layout = Layout.build(layers, activation_names, self.origin.names)
         device = self.layout.device
         self.probe = GradientProbe(layers, device, self._registration)
         self.history = self.history.remapped([previous.get(layer.name) for layer in layers], device)
@@ -920,9 +932,24 @@ class Engine:
             threshold=float(detector.threshold),
             severity=detector.severity,
             message=detector.message(value, layers),
-            advice=advise(detector.kind, self.profile, layers=layers),
+            advice=advise(
+                detector.kind,
+                self.profile,
+                layers=layers,
+                value=value,
+                earlier=[a for a in self.book.alerts if a.step <= steps[first]],
+                zero_gradients=self._zero_gradient_layers(len(steps)),
+            ),
         )
         return self.book.record(alert, int(steps[fired[-1]]), len(fired))
+
+    def _zero_gradient_layers(self, steps: int) -> set[str]:
+        """Layers whose gradient norm was exactly zero at each of the last ``steps`` steps."""
+        norms = self.history.host_norms[-max(steps, 1) :]
+        if not len(norms):
+            return set()
+        zero = ~np.any(norms != 0.0, axis=0)  # NaN is not zero
+        return {name for name, z in zip(self.layer_names, zero, strict=True) if z}
 
     def _overflow_alerts(self, steps: np.ndarray, rows: np.ndarray) -> list[Alert]:
         fired = np.flatnonzero(rows[:, 0] > 0.5)

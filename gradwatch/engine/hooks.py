@@ -72,6 +72,19 @@ class ForwardPreHook(ForwardHook):
                 self._failed(error)
 
 
+class KwargsPreHook(ForwardHook):
+    """A forward pre-hook registered ``with_kwargs=True``: calls
+    ``function(receiver, index, (args, kwargs))`` while the receiver lives."""
+
+    def __call__(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        receiver = self._receiver()
+        if receiver is not None:
+            try:
+                self._function(receiver, self._index, (args, kwargs))
+            except Exception as error:  # a hook never breaks the user's forward
+                self._failed(error)
+
+
 def _dead() -> None:
     """What a failed hook's receiver reference returns: nothing, so the hook does nothing."""
     return None

@@ -49,22 +49,30 @@ class Layout:
         device: Home device of every engine tensor.
         numels: ``[L]`` float32 element counts per layer (full, unsharded sizes).
         activation_names: Module paths of the hooked activation modules (``check_activations``).
+        modules: Every module path of the model (``""`` first), as the NaN origin tracer indexes
+            them.
     """
 
     layers: tuple[Layer, ...]
     device: torch.device
     numels: torch.Tensor = field(repr=False)
     activation_names: tuple[str, ...] = ()
+    modules: tuple[str, ...] = ()
 
     @classmethod
-    def build(cls, layers: Iterable[Layer], activation_names: Iterable[str] = ()) -> Layout:
+    def build(
+        cls,
+        layers: Iterable[Layer],
+        activation_names: Iterable[str] = (),
+        modules: Iterable[str] = (),
+    ) -> Layout:
         """The layout of ``layers``; statistics live on the first parameter's device."""
         layers = tuple(layers)
         device = layers[0].params[0].device if layers else torch.device("cpu")
         if device.type == "meta":
             device = torch.device("cpu")
         numels = torch.tensor([layer.numel for layer in layers], dtype=torch.float32)
-        return cls(layers, device, numels.to(device), tuple(activation_names))
+        return cls(layers, device, numels.to(device), tuple(activation_names), tuple(modules))
 
     @property
     def names(self) -> list[str]:

@@ -19,6 +19,7 @@ from gradwatch.engine.alerts import Alert, AlertKind
 
 if TYPE_CHECKING:
     from gradwatch.engine.activations import ActivationStats
+    from gradwatch.engine.origin import ForwardChecks
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Observation:
         update_applied: 0-d bool: the update that ``update_ratio`` measured really happened (not
             skipped, not an overflow step); None without a new measurement at this step.
         activations: Activation statistics of the newest step (``check_activations=True``).
+        forward: Non-finite checks of the newest step's forward passes (its input, its output,
+            with ``check_activations=True`` every module's output), None when none was seen.
     """
 
     steps: tuple[int, ...]
@@ -58,6 +61,7 @@ class Observation:
     update_ratio: torch.Tensor | None = None
     update_applied: torch.Tensor | None = None
     activations: ActivationStats | None = None
+    forward: ForwardChecks | None = None
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,8 @@ import ast
 import inspect as pyinspect
 import math
 import textwrap
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from gradwatch.engine.remedies import Remedy
 from gradwatch.engine.roles import Role, role_of, weight_fans
 from gradwatch.engine.thresholds import (
     INIT_BAND,
+    INIT_SAMPLE,
     MAX_EIG_SIZE,
     ORTHOGONAL_TOLERANCE,
 )
@@ -32,7 +32,7 @@ from gradwatch.engine.transfer import to_host
 
 _BUILTIN_RESIDUAL = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 # Class-name fragments and child names that mark a residual block (ResNet, pre-LN transformers...).
-_RESIDUAL_CLASS_WORDS = ("residual", "resblock", "resnet", "bottleneck", "basicblock")
+_RESIDUAL_CLASS_WORDS = ("residual", "resblock", "bottleneck", "basicblock")
 _RESIDUAL_CHILDREN = frozenset({"downsample", "shortcut", "skip", "residual", "res_proj"})
 # Names that, added to something computed in ``forward``, mark a skip connection in its source.
 _SKIP_NAMES = frozenset({"identity", "residual", "shortcut", "skip"})
@@ -65,6 +65,8 @@ class ModelProfile:
         optimizer: Optimizer class name, if known.
         lr: Largest learning rate of the optimizer's groups when inspected, if known.
         momentum: SGD momentum of the first group, if the optimizer has one.
+        not_optimized: Module paths of layers with a trainable parameter that is in none of the
+            optimizer's param groups (never updated), when the optimizer is known.
         remedies: Class names of the gradwatch remedies in use.
         clipping: A gradwatch remedy that clips is in use.
         amp: A GradScaler is in use.
@@ -89,6 +91,7 @@ class ModelProfile:
     optimizer: str | None = None
     lr: float | None = None
     momentum: float | None = None
+    not_optimized: set[str] = field(default_factory=set)
     remedies: set[str] = field(default_factory=set)
     clipping: bool = False
     amp: bool = False
@@ -102,8 +105,14 @@ class ModelProfile:
         *,
         remedies: Iterable[Remedy] = (),
         scaler: object = None,
+        initial: ModelProfile | None = None,
     ) -> ModelProfile:
         """Looks through ``model`` (and ``optimizer``) once, without running it.
+
+        The initialisation (weight scale against He/Xavier, recurrent spectral radius, LSTM
+        forget bias) is measured on the weights as they are now: call it before training, or pass
+        the profile taken then as ``initial`` to keep its measurements (training, and a
+        divergence, change the weights; advice is about how the model started).
 
         Residual structure is a heuristic on names, types and source: a module is a residual block
         when it is a ``nn.TransformerEncoderLayer``/``DecoderLayer``, its class name contains
@@ -117,6 +126,7 @@ class ModelProfile:
             optimizer: Its optimizer, for the learning rate in advice.
             remedies: The gradwatch remedies in use (never advised again).
             scaler: The AMP GradScaler, if any.
+            initial: An earlier profile of this model whose initialisation measurements are kept.
 
         Returns:
             The profile.
@@ -129,6 +139,11 @@ class ModelProfile:
         )
         residual_paths: list[str] = []
         weights: list[tuple[str, nn.Module, torch.Tensor]] = []
+        optimized = (
+            {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if optimizer is not None
+            else None
+        )
         for path, module in model.named_modules():
             name = type(module).__name__
             role = role_of(module)
@@ -142,6 +157,8 @@ class ModelProfile:
             if _is_residual_block(module):
                 residual_paths.append(path)
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if own and optimized is not None and any(id(p) not in optimized for p in own):
+                profile.not_optimized.add(path)
             if own:
                 profile.depth += 1
                 profile.half_precision |= any(
@@ -155,8 +172,11 @@ class ModelProfile:
         profile.has_norm = bool(profile.norms)
         profile.residual = bool(residual_paths)
         profile.residual_evidence = tuple(residual_paths)
-        profile._measure_init(weights)
-        profile._measure_recurrent(model)
+        if initial is None:
+            profile._measure_init(weights)
+            profile._measure_recurrent(model)
+        else:
+            profile._keep_initial(initial)
         if optimizer is not None:
             profile._optimizer = optimizer
             profile.optimizer = type(optimizer).__name__
@@ -199,7 +219,9 @@ class ModelProfile:
         if not wholes:
             return
         with torch.no_grad():
-            stds = [w.detach().float().std(unbiased=False).reshape(1) for _, _, w in wholes]
+            stds = [
+                _sample(w.detach()).float().std(unbiased=False).reshape(1) for _, _, w in wholes
+            ]
             host = to_host([torch.cat([s.to(stds[0].device) for s in stds])])[0]
         he, xavier = [], []
         for (path, module, weight), std in zip(wholes, host, strict=True):
@@ -213,6 +235,13 @@ class ModelProfile:
         if he:
             self.he_ratio = float(np.median(he))
             self.xavier_ratio = float(np.median(xavier))
+
+    def _keep_initial(self, initial: ModelProfile) -> None:
+        self.he_ratio, self.xavier_ratio = initial.he_ratio, initial.xavier_ratio
+        self.init_ratios = dict(initial.init_ratios)
+        self.recurrent_radius = initial.recurrent_radius
+        self.recurrent_orthogonal = initial.recurrent_orthogonal
+        self.lstm_forget_bias = initial.lstm_forget_bias
 
     def _measure_recurrent(self, model: nn.Module) -> None:
         radii: list[float] = []
@@ -250,6 +279,13 @@ class ModelProfile:
             self.lstm_forget_bias = float(np.mean(forget))
 
 
+def _sample(weight: torch.Tensor) -> torch.Tensor:
+    """``weight``'s elements, or an evenly strided sample of about ``INIT_SAMPLE`` of them."""
+    flat = weight.reshape(-1)
+    stride = flat.numel() // INIT_SAMPLE
+    return flat[::stride] if stride > 1 else flat
+
+
 def _largest_lr(optimizer: torch.optim.Optimizer) -> float | None:
     lrs = [g.get("lr") for g in optimizer.param_groups]
     values = [float(lr) for lr in lrs if isinstance(lr, int | float | torch.Tensor)]
@@ -284,6 +320,16 @@ def _forward_adds_input(module_class: type[nn.Module]) -> bool:
 
 
 def _source_adds_input(module_class: type[nn.Module]) -> bool:
+    """Whether ``forward`` adds a value that still is its input to a value computed by a
+    submodule or method (``x + self.fc(x)``, ``LayerNorm(hidden + input_tensor)`` after
+    ``hidden = self.dense(hidden)``, ``residual = x; ...; x = residual + x``, ``out += identity``,
+    ``shortcut + self.drop_path(x)``).
+
+    The statements of ``forward`` are read in order, tracking which names hold the input
+    (arguments, their aliases and reshapes, the result of a ``self.shortcut``-like call) and which
+    hold computed values (anything derived from a call on ``self``). Masks and biases added to
+    attention scores (names with "mask", "bias", "position") are not inputs.
+    """
     try:
         source = textwrap.dedent(pyinspect.getsource(module_class.forward))
         tree = ast.parse(source)
@@ -292,39 +338,121 @@ def _source_adds_input(module_class: type[nn.Module]) -> bool:
     function = tree.body[0] if tree.body else None
     if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
         return False
-    arguments = [a.arg for a in function.args.args[1:2]]  # the first argument after self
-    skip_names = _SKIP_NAMES | set(arguments)
-    for node in ast.walk(function):
-        if (
-            isinstance(node, ast.BinOp)
-            and isinstance(node.op, ast.Add)
-            and _skip_pair(node.left, node.right, skip_names)
-        ):
-            return True
-        if (
-            isinstance(node, ast.AugAssign)
-            and isinstance(node.op, ast.Add)
-            and (
-                _is_name(node.value, skip_names)
-                or (_is_name(node.target, skip_names) and _has_call(node.value))
+    args = function.args
+    names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)][1:]
+    flow = _Flow({name for name in names if _may_be_input(name)})
+    return any(flow.adds_input(statement) for statement in _statements(function.body))
+
+
+class _Flow:
+    """Which names of ``forward`` hold its input and which hold computed values, in order."""
+
+    def __init__(self, inputs: set[str]) -> None:
+        self.inputs = inputs | set(_SKIP_NAMES)
+        self.computed: set[str] = set()
+
+    def adds_input(self, statement: ast.stmt) -> bool:
+        """Whether ``statement`` adds an input to a computed value; then updates the names."""
+        found = False
+        if isinstance(statement, ast.AugAssign) and isinstance(statement.op, ast.Add):
+            target = statement.target
+            found = (self.is_input(target) and self.computes(statement.value)) or (
+                self.computes(target) and self.is_input(statement.value)
             )
-        ):
-            return True
-    return False
+        parts = [v for v in (getattr(statement, "value", None),) if isinstance(v, ast.AST)]
+        for node in (n for part in parts for n in ast.walk(part)):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+                left, right = node.left, node.right
+                if (self.is_input(left) and self.computes(right)) or (
+                    self.is_input(right) and self.computes(left)
+                ):
+                    found = True
+        self.track(statement)
+        return found
+
+    def is_input(self, node: ast.AST) -> bool:
+        return isinstance(node, ast.Name) and node.id in self.inputs
+
+    def derives_input(self, node: ast.AST) -> bool:
+        """``x``, ``x.view(...)``, ``x[:, 0]``, ``torch.flatten(x, 1)``: still the input."""
+        if isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Attribute) and self.derives_input(func.value):
+                return True
+            return bool(node.args) and self.derives_input(node.args[0])
+        if isinstance(node, ast.Attribute | ast.Subscript):
+            return self.derives_input(node.value)
+        return self.is_input(node)
+
+    def computes(self, node: ast.AST) -> bool:
+        """A call on ``self`` (a submodule or method) or a computed name is in ``node``."""
+        for child in ast.walk(node):
+            if isinstance(child, ast.Name) and child.id in self.computed:
+                return True
+            if isinstance(child, ast.Call) and _rooted_at_self(child.func):
+                return True
+        return False
+
+    def track(self, statement: ast.stmt) -> None:
+        if isinstance(statement, ast.Assign):
+            targets: list[ast.expr] = list(statement.targets)
+            value: ast.expr | None = statement.value
+        elif isinstance(statement, ast.AnnAssign | ast.AugAssign):
+            targets, value = [statement.target], statement.value
+        else:
+            return
+        assigned = {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        if value is None:
+            return
+        if isinstance(statement, ast.AugAssign) and self.computes(value):
+            kind = "computed"
+        elif _skip_call(value) or (not self.computes(value) and self.derives_input(value)):
+            kind = "input"  # an alias, a reshape of the input, or a shortcut projection
+        elif self.computes(value):
+            kind = "computed"
+        else:
+            kind = "other"
+        self.inputs -= assigned
+        self.computed -= assigned
+        if kind == "input":
+            self.inputs |= {name for name in assigned if _may_be_input(name)}
+        elif kind == "computed":
+            self.computed |= assigned
 
 
-def _skip_pair(left: ast.expr, right: ast.expr, skip_names: set[str] | frozenset[str]) -> bool:
+def _statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """Simple statements in source order, inside ``if``/``for``/``with``/``try`` blocks too."""
+    for statement in body:
+        blocks = [
+            getattr(statement, field, None) for field in ("body", "orelse", "finalbody", "handlers")
+        ]
+        nested = [b for b in blocks if isinstance(b, list) and b]
+        if not nested:
+            yield statement
+        for block in nested:
+            for item in block:
+                if isinstance(item, ast.ExceptHandler):
+                    yield from _statements(item.body)
+                elif isinstance(item, ast.stmt):
+                    yield from _statements([item])
+
+
+def _may_be_input(name: str) -> bool:
+    lowered = name.lower()
+    return not any(word in lowered for word in ("mask", "bias", "position"))
+
+
+def _rooted_at_self(node: ast.expr) -> bool:
+    while isinstance(node, ast.Attribute | ast.Subscript):
+        node = node.value
+    return isinstance(node, ast.Name) and node.id == "self"
+
+
+def _skip_call(node: ast.expr) -> bool:
+    """``self.shortcut(x)``, ``self.downsample(x)``...: a projection on the skip path."""
     return (
-        (_is_name(left, skip_names) and _has_call(right))
-        or (_is_name(right, skip_names) and _has_call(left))
-        or _is_name(left, _SKIP_NAMES)
-        or _is_name(right, _SKIP_NAMES)
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and _rooted_at_self(node.func)
+        and any(word in node.func.attr.lower() for word in _RESIDUAL_CHILDREN)
     )
-
-
-def _is_name(node: Any, names: set[str] | frozenset[str]) -> bool:
-    return isinstance(node, ast.Name) and node.id in names
-
-
-def _has_call(node: ast.expr) -> bool:
-    return any(isinstance(n, ast.Call) for n in ast.walk(node))

@@ -74,26 +74,29 @@ _BY_TYPE: dict[type[nn.Module], Role] = {
 if hasattr(nn, "RMSNorm"):
     _BY_TYPE[nn.RMSNorm] = Role.NORMALISATION
 
-# Class-name fragments of library modules, checked in order (``gelu`` before ``elu``...).
+# Class-name fragments of library modules, checked in order: ``gelu`` before ``elu`` and before
+# ``tanh`` (``GELUTanh``, ``PytorchGELUTanh`` are the tanh approximation of GELU, not saturating),
+# ``hardswish`` before ``sigmoid``...
 _BY_NAME: tuple[tuple[str, Role], ...] = (
     ("layernorm", Role.NORMALISATION),
     ("rmsnorm", Role.NORMALISATION),
     ("batchnorm", Role.NORMALISATION),
     ("groupnorm", Role.NORMALISATION),
-    ("sigmoid", Role.SATURATING),
-    ("softsign", Role.SATURATING),
-    ("tanh", Role.SATURATING),
     ("gelu", Role.SMOOTH),
     ("silu", Role.SMOOTH),
     ("swish", Role.SMOOTH),
     ("mish", Role.SMOOTH),
     ("softplus", Role.SMOOTH),
+    ("sigmoid", Role.SATURATING),
+    ("softsign", Role.SATURATING),
+    ("tanh", Role.SATURATING),
+    ("laplace", Role.SATURATING),  # transformers' LaplaceActivation: a CDF, range (0, 1)
     ("leakyrelu", Role.LEAKY),
     ("prelu", Role.LEAKY),
+    ("relu", Role.RECTIFIER),  # before ``elu``: ReLUSquared, ReLU6-like names
     ("selu", Role.LEAKY),
     ("celu", Role.LEAKY),
     ("elu", Role.LEAKY),
-    ("relu", Role.RECTIFIER),
 )
 _cache: dict[type[nn.Module], Role | None] = {}
 
@@ -129,7 +132,7 @@ def output_range(module: nn.Module) -> tuple[float, float]:
     name = type(module).__name__.lower()
     if "logsigmoid" in name:
         return float("-inf"), 0.0
-    if "sigmoid" in name:
+    if "sigmoid" in name or "laplace" in name:
         return 0.0, 1.0
     return -1.0, 1.0  # tanh, softsign
 

@@ -110,6 +110,11 @@ by layer."""
 DEEP_LAYERS = 10
 """Advice: a network with at least this many Linear/Conv layers in a chain counts as deep."""
 
+INIT_SAMPLE = 65536
+"""Profile: a weight with more elements has its std measured on an evenly strided sample of about
+this many (the std of 65,536 draws is within 0.6% of the weight's with 95% confidence): a
+billion-parameter model is profiled in a fraction of a second."""
+
 MAX_EIG_SIZE = 1024
 """Profile: largest recurrent matrix whose eigenvalues are computed (cost grows with size ** 3)."""
 
