@@ -172,9 +172,13 @@ class AlertBook:
         if self.continues(kind, alert.step, alert.value, alert.layers):
             self.extend(kind, last, alert.value, alert.layers, count)
             return None
+        layers = set(alert.layers)
+        episode = self._open.get(kind)
+        if episode is not None and alert.step <= episode.last_step + self.clear_after:
+            layers |= episode.layers  # news within a condition that goes on: its layers stay
         self.alerts.append(alert)
         self._spans.append(_Span(last, count, alert.value))
-        self._open[kind] = _Episode(len(self.alerts) - 1, last, set(alert.layers))
+        self._open[kind] = _Episode(len(self.alerts) - 1, max(last, self._last(kind)), layers)
         return alert
 
     def extend(
@@ -236,6 +240,10 @@ class AlertBook:
                 self._spans[index] = _Span(int(e["last_step"]), int(e["count"]), float(e["peak"]))
             layers = set(e.get("layers", alert.layers))
             self._open[AlertKind(kind)] = _Episode(index, int(e["last_step"]), layers)
+
+    def _last(self, kind: AlertKind) -> int:
+        episode = self._open.get(kind)
+        return episode.last_step if episode is not None else -1
 
     def _escalates(self, kind: AlertKind, value: float, peak: float) -> bool:
         direction = ESCALATING.get(kind)
