@@ -34,7 +34,7 @@ SEVERITIES = ("info", "warning", "error")
 
 @dataclass(frozen=True)
 class Alert:
-    """One diagnosis, materialised on the host at a flush.
+    """One diagnosis, materialised on the host (at a flush, or at once for a new warning/error).
 
     Attributes:
         kind: Which pathology.

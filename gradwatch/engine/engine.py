@@ -5,7 +5,9 @@ foreach pass, the step-cadence detectors look at them, the remedies decide, thei
 applied, the history ring buffer takes the row. Everything stays on the device. Every
 ``log_every_n_steps`` steps :meth:`Engine.flush` moves one packed tensor to the host, runs the
 flush-cadence detectors, turns detections into alerts and returns a
-:class:`~gradwatch.engine.records.FlushRecord` for the frontend to hand to its sinks. The engine
+:class:`~gradwatch.engine.records.FlushRecord` for the frontend to hand to its sinks. A step's
+warning/error detections also reach the host through a :class:`~gradwatch.engine.mailbox.Mailbox`
+(no sync); when they hold a new alert, the engine flushes at once, out of cadence. The engine
 never writes files, calls user callbacks or raises into the training loop: the frontend decides
 what to do with records, alerts and errors.
 """
@@ -413,7 +415,11 @@ class Engine:
         cadence."""
         history = self.history
         if history.num_pending == 0:
-            return None
+            if early or not self._carry:
+                return None
+            (weight_norms,) = to_host([self._weight_norms])  # only the steps of an early flush
+            rows, self._carry = _Rows.join(self._carry), []
+            return self._record(rows, weight_norms, None, [])
         hist_norms, hist_scalars = history.pending()
         steps = np.asarray(history.pending_steps, dtype=np.int64)
         tensors = [hist_norms, hist_scalars, self._weight_norms]
@@ -466,7 +472,16 @@ class Engine:
         elif self._carry:
             rows = _Rows.join([*self._carry, rows])
             self._carry = []
-        record = FlushRecord(
+        return self._record(rows, weight_norms, update_ratio, new_alerts)
+
+    def _record(
+        self,
+        rows: _Rows,
+        weight_norms: np.ndarray,
+        update_ratio: np.ndarray | None,
+        new_alerts: list[Alert],
+    ) -> FlushRecord:
+        return FlushRecord(
             layer_names=self.layer_names,
             steps=rows.steps,
             grad_norms=rows.norms,
@@ -479,7 +494,6 @@ class Engine:
             new_alerts=new_alerts,
             alert_counts={k.value: v for k, v in self.book.counts().items()},
         )
-        return record
 
     def last_norms(self) -> dict[str, float]:
         """Per-layer L2 gradient norm of the latest flushed step (empty before any)."""
