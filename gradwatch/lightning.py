@@ -125,7 +125,8 @@ class GradWatchCallback(_CallbackBase):
         remedies: Remedy objects, applied in order, before Lightning's gradient clipping.
         check_activations: Forward hooks for saturation, dead units and the first non-finite output.
         track_updates: Measure the per-layer update/weight ratio on flush steps.
-        on_alert: Called with each new alert, on the host (on every rank).
+        on_alert: Called with each new alert, on the host (on every rank); warnings and errors
+            at most two steps after the step they describe.
         nonfinite: ``"warn"`` (alert) or ``"raise"`` (stop training, see above).
         window: Steps of history kept.
         include: Watch only the layers whose name matches (glob strings, compiled regexes).

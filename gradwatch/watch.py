@@ -41,7 +41,9 @@ class GradWatch:
     Call :meth:`step` after ``loss.backward()`` (and ``scaler.unscale_``) and before
     ``optimizer.step()``, or :meth:`attach` to run it automatically before each optimizer step.
     Nothing leaves the device between flushes; every ``log_every_n_steps`` steps one packed tensor
-    is copied to the host, alerts materialise and sinks are written.
+    is copied to the host, alerts materialise and sinks are written. A new warning or error does not
+    wait: it is delivered at most two steps after the step it describes (an early flush, one host
+    sync, only then).
 
     Example:
         >>> from torch import nn
@@ -67,7 +69,8 @@ class GradWatch:
         scaler: The ``torch.amp.GradScaler``, so AMP overflow steps are recognised.
         check_activations: Forward hooks for saturation, dead units and the first non-finite output.
         track_updates: Measure the per-layer update/weight ratio on flush steps.
-        on_alert: Called with each new alert, on the host.
+        on_alert: Called with each new alert, on the host (warnings and errors at most two steps
+            after the step they describe).
         nonfinite: ``"warn"`` (alert) or ``"raise"`` (:class:`GradientError` from :meth:`step`;
             reads one flag per step).
         window: Steps of history kept (at least ``log_every_n_steps``).

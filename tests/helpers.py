@@ -16,6 +16,9 @@ from gradwatch.engine.records import FlushRecord
 from gradwatch.sinks.base import Sink
 
 SYNC_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy")
+ONE_TRANSFER = {"cpu": 1, "numpy": 1}
+"""What a flush reads: one packed tensor. A step that delivers a new warning/error alert flushes
+early (out of cadence), so it costs exactly this; healthy steps read nothing."""
 
 
 def reference_norms(model: nn.Module, names: list[str]) -> dict[str, float]:

@@ -55,10 +55,9 @@ def _until_fixed(reason: str) -> pytest.MarkDecorator:
 
 
 FALSE_EXPLODING = _until_fixed("EXPLODING: raw grad/weight RMS ratio (BN convs, 2-row embedding)")
-LATE_DELIVERY = _until_fixed("alerts are delivered only at the flush")
 DEAD_LAYER = _until_fixed("exactly-zero gradients / total ReLU death not reported in time")
 MISSED_DIVERGENCE = _until_fixed("divergence missed or not announced at step 51-52")
-MISSED_TODAY = {("lstm", "lr_x100"), ("bert", "lr_x100"), ("resnet", "lr_x1000")}
+MISSED_TODAY = {("lstm", "lr_x100"), ("bert", "lr_x100")}
 
 
 def _describe(result: Run) -> str:
@@ -147,7 +146,6 @@ def test_lr_jump_is_announced_before_the_loss_turns_nonfinite(model: str, factor
         assert any("learning rate" in tip for tip in first.advice), first.advice
 
 
-@LATE_DELIVERY
 def test_alerts_are_delivered_within_two_steps_of_detection() -> None:
     """A warning reaches on_alert at most two steps after the step it was detected at."""
     result = run("mlp", "lr_x1000", steps=LR_STEP + 20)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from gradwatch.engine.thresholds import ALERT_COOLDOWN
+from gradwatch.engine.thresholds import ALERT_CLEAR_STEPS, ALERT_ESCALATION
 
 logger = logging.getLogger("gradwatch")
 
@@ -33,7 +34,7 @@ SEVERITIES = ("info", "warning", "error")
 
 @dataclass(frozen=True)
 class Alert:
-    """One diagnosis, materialised on the host at a flush.
+    """One diagnosis, materialised on the host (at a flush, or at once for a new warning/error).
 
     Attributes:
         kind: Which pathology.
@@ -70,45 +71,144 @@ class GradientError(RuntimeError):
         self.alert = alert
 
 
+ESCALATING: dict[AlertKind, float] = {
+    AlertKind.EXPLODING: 1.0,
+    AlertKind.SPIKE: 1.0,
+    AlertKind.VANISHING: -1.0,
+    AlertKind.STAGNATION: -1.0,
+}
+"""Kinds whose value is a magnitude, and its direction: +1 when larger is worse, -1 for ratios
+where smaller is worse. The other kinds' values are counts or fractions and never escalate."""
+
+SPREADING = frozenset({AlertKind.NONFINITE, AlertKind.NONFINITE_BUFFERS})
+"""Kinds whose condition spreads by itself: a NaN reaches other layers and modules at the next
+steps (through the weights it poisoned), which is the same event, not news in other layers."""
+
+
 @dataclass
-class _Episode:
-    alert: Alert
+class _Span:
+    """The detections an alert stands for: ``count`` of them up to ``last_step``, the worst
+    value ``peak``."""
+
     last_step: int
     count: int
     peak: float
 
 
-class AlertBook:
-    """Keeps every alert and merges a sustained condition into one.
+@dataclass
+class _Episode:
+    """An open condition of one kind: its latest alert and every layer it named so far."""
 
-    A detection belongs to the open episode of its kind when it starts within ``cooldown`` steps of
-    that episode's last detection; otherwise it opens a new episode and a new alert. The book only
-    records: the frontend logs and dispatches new alerts, after the sinks have the flush.
+    index: int  # of its latest alert in ``AlertBook.alerts``
+    last_step: int
+    layers: set[str]
+
+
+class AlertBook:
+    """Keeps every alert and merges a continuing condition into one, never hiding a new event.
+
+    Each kind has at most one open episode. A detection continues it (no new alert, the latest
+    alert's span grows) unless one of these makes it news, which is a new alert:
+
+    - the condition cleared: no detection for more than ``clear_after`` steps;
+    - it escalated: its value is ``escalation`` times worse than the worst value since the
+      episode's latest alert (kinds in :data:`ESCALATING`);
+    - it moved: it names layers, the episode named layers, and none of them are the same (not for
+      :data:`SPREADING` kinds: a NaN reaching other layers is the same event).
+
+    The book only records: the frontend logs and dispatches new alerts, after the sinks have the
+    flush.
+
+    Example:
+        >>> book = AlertBook(clear_after=10)
+        >>> alert = Alert(AlertKind.SPIKE, 5, ("fc",), 4.0, 6.0, "warning", "jump")
+        >>> book.record(alert) is alert
+        True
+        >>> detections = [(9, 5.0), (30, 5.0), (9, 80.0)]  # steady, cleared, escalated
+        >>> [book.continues(AlertKind.SPIKE, s, v, ("fc",)) for s, v in detections]
+        [True, False, False]
 
     Args:
-        cooldown: Steps without a detection after which a condition counts as over.
+        clear_after: Steps without a detection after which a condition counts as cleared.
+        escalation: Factor by which a value must worsen to be a new alert within an episode.
     """
 
-    def __init__(self, cooldown: int = ALERT_COOLDOWN) -> None:
-        self.cooldown = cooldown
+    def __init__(
+        self, clear_after: int = ALERT_CLEAR_STEPS, escalation: float = ALERT_ESCALATION
+    ) -> None:
+        self.clear_after = clear_after
+        self.escalation = escalation
         self.alerts: list[Alert] = []
+        self._spans: list[_Span] = []
         self._open: dict[AlertKind, _Episode] = {}
 
-    def record(self, alert: Alert, last_step: int, count: int) -> Alert | None:
-        """Adds a detection window; returns the alert if it opens a new episode."""
-        episode = self._open.get(alert.kind)
-        if episode is not None and alert.step <= episode.last_step + self.cooldown:
-            episode.last_step = max(episode.last_step, last_step)
-            episode.count += count
-            episode.peak = max(episode.peak, alert.value, key=_magnitude)
+    def continues(
+        self,
+        kind: AlertKind,
+        step: int,
+        value: float,
+        layers: tuple[str, ...],
+        seen: int | None = None,
+    ) -> bool:
+        """Whether a detection continues the open episode of its kind (False: it is news).
+
+        Args:
+            kind: The detection's kind.
+            step: Its step.
+            value: Its value.
+            layers: The layers it names.
+            seen: A later step where the caller saw this kind detected, not yet recorded here.
+        """
+        episode = self._open.get(kind)
+        if episode is None:
+            return False
+        last = episode.last_step if seen is None else max(episode.last_step, seen)
+        if step > last + self.clear_after:
+            return False
+        if (
+            kind not in SPREADING
+            and layers
+            and episode.layers
+            and episode.layers.isdisjoint(layers)
+        ):
+            return False
+        return not self._escalates(kind, value, self._spans[episode.index].peak)
+
+    def record(self, alert: Alert, last_step: int | None = None, count: int = 1) -> Alert | None:
+        """Adds ``count`` detections from ``alert.step`` to ``last_step`` (default: that step)
+        described by ``alert``; returns the alert if it is news (see :meth:`continues`)."""
+        last = alert.step if last_step is None else max(last_step, alert.step)
+        kind = alert.kind
+        if self.continues(kind, alert.step, alert.value, alert.layers):
+            self.extend(kind, last, alert.value, alert.layers, count)
             return None
-        self._open[alert.kind] = _Episode(alert, last_step, count, alert.value)
+        layers = set(alert.layers)
+        episode = self._open.get(kind)
+        if episode is not None and alert.step <= episode.last_step + self.clear_after:
+            layers |= episode.layers  # news within a condition that goes on: its layers stay
         self.alerts.append(alert)
+        self._spans.append(_Span(last, count, alert.value))
+        self._open[kind] = _Episode(len(self.alerts) - 1, max(last, self._last(kind)), layers)
         return alert
 
+    def extend(
+        self, kind: AlertKind, step: int, value: float, layers: tuple[str, ...], count: int = 1
+    ) -> None:
+        """Adds detections that :meth:`continues` the open episode of ``kind``."""
+        episode = self._open[kind]
+        span = self._spans[episode.index]
+        episode.last_step = max(episode.last_step, step)
+        episode.layers.update(layers)
+        span.last_step = max(span.last_step, step)
+        span.count += count
+        span.peak = self._worst(kind, span.peak, value)
+
     def episodes(self) -> list[tuple[Alert, int, int, float]]:
-        """Open and past episodes as ``(first alert, last step, detections, peak value)``."""
-        return [(e.alert, e.last_step, e.count, e.peak) for e in self._open.values()]
+        """Every alert with its span: ``(alert, last step, detections, peak value)``."""
+        return [
+            (alert, span.last_step, span.count, span.peak)
+            for alert, span in zip(self.alerts, self._spans, strict=True)
+        ]
 
     def counts(self) -> dict[AlertKind, int]:
         """Number of alerts so far per kind."""
@@ -118,28 +218,56 @@ class AlertBook:
         return out
 
     def state_dict(self) -> dict:
-        """Plain-value state: every alert and the open episodes."""
+        """Plain-value state: every alert with its span, and the open episodes."""
         return {
             "alerts": [alert_to_dict(a) for a in self.alerts],
+            "spans": [[s.last_step, s.count, s.peak] for s in self._spans],
             "open": {
                 k.value: {
-                    "index": self.alerts.index(e.alert),
+                    "index": e.index,
                     "last_step": e.last_step,
-                    "count": e.count,
-                    "peak": e.peak,
+                    "count": self._spans[e.index].count,
+                    "peak": self._spans[e.index].peak,
+                    "layers": sorted(e.layers),
                 }
                 for k, e in self._open.items()
-                if e.alert in self.alerts
             },
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores what :meth:`state_dict` returned."""
+        """Restores what :meth:`state_dict` returned (also the older format without spans)."""
         self.alerts = [alert_from_dict(a) for a in state.get("alerts", [])]
+        spans = state.get("spans")
+        if isinstance(spans, list) and len(spans) == len(self.alerts):
+            self._spans = [_Span(int(s[0]), int(s[1]), float(s[2])) for s in spans]
+        else:
+            self._spans = [_Span(a.step, 1, a.value) for a in self.alerts]
         self._open = {}
         for kind, e in state.get("open", {}).items():
-            alert = self.alerts[e["index"]]
-            self._open[AlertKind(kind)] = _Episode(alert, e["last_step"], e["count"], e["peak"])
+            index = int(e["index"])
+            alert = self.alerts[index]
+            if "spans" not in state:  # older format: the open episode's numbers
+                self._spans[index] = _Span(int(e["last_step"]), int(e["count"]), float(e["peak"]))
+            layers = set(e.get("layers", alert.layers))
+            self._open[AlertKind(kind)] = _Episode(index, int(e["last_step"]), layers)
+
+    def _last(self, kind: AlertKind) -> int:
+        episode = self._open.get(kind)
+        return episode.last_step if episode is not None else -1
+
+    def _escalates(self, kind: AlertKind, value: float, peak: float) -> bool:
+        direction = ESCALATING.get(kind)
+        if direction is None or not peak > 0 or math.isnan(value):
+            return False
+        if direction > 0:
+            return abs(value) >= self.escalation * abs(peak)
+        return 0 <= value <= peak / self.escalation
+
+    @staticmethod
+    def _worst(kind: AlertKind, peak: float, value: float) -> float:
+        if ESCALATING.get(kind, 1.0) < 0:
+            return min(peak, value, key=_magnitude)
+        return max(peak, value, key=_magnitude)
 
 
 def _magnitude(value: float) -> float:

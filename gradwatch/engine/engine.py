@@ -5,7 +5,9 @@ foreach pass, the step-cadence detectors look at them, the remedies decide, thei
 applied, the history ring buffer takes the row. Everything stays on the device. Every
 ``log_every_n_steps`` steps :meth:`Engine.flush` moves one packed tensor to the host, runs the
 flush-cadence detectors, turns detections into alerts and returns a
-:class:`~gradwatch.engine.records.FlushRecord` for the frontend to hand to its sinks. The engine
+:class:`~gradwatch.engine.records.FlushRecord` for the frontend to hand to its sinks. A step's
+warning/error detections also reach the host through a :class:`~gradwatch.engine.mailbox.Mailbox`
+(no sync); when they hold a new alert, the engine flushes at once, out of cadence. The engine
 never writes files, calls user callbacks or raises into the training loop: the frontend decides
 what to do with records, alerts and errors.
 """
@@ -40,6 +42,7 @@ from gradwatch.engine.layers import (
     select_layers,
     unwrap,
 )
+from gradwatch.engine.mailbox import Mailbox
 from gradwatch.engine.observation import (
     Detection,
     Observation,
@@ -68,7 +71,7 @@ from gradwatch.engine.records import FlushRecord
 from gradwatch.engine.remedies import Remedy
 from gradwatch.engine.running_stats import RunningStats
 from gradwatch.engine.text import format_layers
-from gradwatch.engine.thresholds import AMP_PERSISTENT_STEPS
+from gradwatch.engine.thresholds import ALERT_CLEAR_STEPS, AMP_PERSISTENT_STEPS
 from gradwatch.engine.transfer import to_host
 from gradwatch.engine.warn import WarnOnce
 
@@ -156,7 +159,7 @@ class Engine:
         self.profile = ModelProfile.inspect(
             self.model, self.optimizer, remedies=self.remedies, scaler=scaler
         )
-        self.book = AlertBook()
+        self.book = AlertBook(clear_after=ALERT_CLEAR_STEPS * self.config.probe_every_n_steps)
         self.step_count = 0
         self._order = ForwardOrder(layers, self.model)
         self._structure = self._current_structure(layers)
@@ -191,6 +194,11 @@ class Engine:
             GradientHistograms(self.layout) if self.config.histogram_every_n_steps else None
         )
         self._pending: list[list[Detection]] = [[] for _ in self.detectors]
+        # Early alerts: this step's warning/error detections reach the host through the mailbox.
+        self._mailbox = Mailbox(device) if Mailbox.supports(device) else None
+        self._seen: dict[AlertKind, int] = {}  # latest step each kind was seen in the mailbox
+        self._materialised = -1  # detections up to this step are in the book
+        self._carry: list[_Rows] = []  # rows of early flushes, for the next regular record
         self._overflow_rows: list[torch.Tensor] = []
         self._histogram_rows: list[tuple[int, torch.Tensor]] = []
         self._true = torch.ones((), dtype=torch.bool, device=device)
@@ -319,10 +327,13 @@ class Engine:
             forward=forward,
         )
         flags: dict[AlertKind, torch.Tensor] = {}
+        mail: list[tuple[Detector, Detection]] = []
         for detector, pending in zip(self.detectors, self._pending, strict=True):
             if detector.cadence == "step":
                 detection = detector.observe(obs)
                 pending.append(detection)  # stacked at the flush: no per-step work
+                if detector.severity != "info":
+                    mail.append((detector, detection))
                 if self._needs_flags:
                     fired = detection.fired.reshape(())
                     previous = flags.get(detector.kind)
@@ -358,7 +369,12 @@ class Engine:
             clip_coef=clip_coef,
             lr_scale=lr_scale if lr_scale is not None else 1.0,
         )
-        record = self.flush() if flush_due else None
+        if flush_due:
+            record = self.flush()
+        elif self._news(step, mail):  # a warning/error the user has not heard of: tell now
+            record = self._flush(early=True)
+        else:
+            record = None
         if record is not None:
             records += (record,)
         report.alerts = [alert for record in records for alert in record.new_alerts]
@@ -396,24 +412,33 @@ class Engine:
                 self._rescan(layers)
         return record
 
-    def _flush(self) -> FlushRecord | None:
+    def _flush(self, early: bool = False) -> FlushRecord | None:
+        """The flush; ``early``: out of cadence, for new alerts. An early flush does everything
+        a flush does (the book, the history mirror and the flush-cadence detectors see its steps),
+        but its record carries only the alerts: its steps go to the sinks with the next regular
+        record, so per-layer scalars and window statistics keep the ``log_every_n_steps``
+        cadence."""
         history = self.history
         if history.num_pending == 0:
-            return None
+            if early or not self._carry:
+                return None
+            (weight_norms,) = to_host([self._weight_norms])  # only the steps of an early flush
+            rows, self._carry = _Rows.join(self._carry), []
+            return self._record(rows, weight_norms, None, [])
         hist_norms, hist_scalars = history.pending()
         steps = np.asarray(history.pending_steps, dtype=np.int64)
         tensors = [hist_norms, hist_scalars, self._weight_norms]
         if self._update_ratio is not None:
             tensors.append(self._update_ratio)
         block = self._flush_observation(steps, hist_norms, hist_scalars[:, 0])
-        rows = [
+        detection_rows = [
             _stack(
                 [detector.observe(block)] if detector.cadence == "flush" else pending,
                 self.layout.device,
             )
             for detector, pending in zip(self.detectors, self._pending, strict=True)
         ]
-        tensors += rows
+        tensors += detection_rows
         if self._overflow_rows:
             tensors.append(torch.stack(self._overflow_rows))
         tensors += [h for _, h in self._histogram_rows]
@@ -422,7 +447,7 @@ class Engine:
         host = iter(to_host(tensors))
         norms, scalars, weight_norms = next(host), next(host), next(host)
         update_ratio = next(host) if self._update_ratio is not None else None
-        detector_rows = [next(host) for _ in rows]
+        detector_rows = [next(host) for _ in detection_rows]
         overflow_rows = next(host) if self._overflow_rows else None
         histograms = [
             (step, name, hist)
@@ -441,25 +466,39 @@ class Engine:
         if overflow_rows is not None:
             new_alerts += self._overflow_alerts(steps, overflow_rows)
         for detector, det_rows in zip(self.detectors, detector_rows, strict=True):
-            alert = self._alert_from_rows(detector, steps, det_rows)
-            if alert is not None:
-                new_alerts.append(alert)
+            new_alerts += self._alerts_from_rows(detector, steps, det_rows)
         if bad_stats is not None and bad_stats.any():
             new_alerts += self._running_stats_alert(int(steps[-1]), bad_stats)
-        record = FlushRecord(
+        self._materialised = int(steps[-1])
+        rows = _Rows(steps, norms, scalars, histograms)
+        if early:
+            self._carry.append(rows)
+            rows = _Rows.empty(norms.shape[1], scalars.shape[1])
+        elif self._carry:
+            rows = _Rows.join([*self._carry, rows])
+            self._carry = []
+        return self._record(rows, weight_norms, update_ratio, new_alerts)
+
+    def _record(
+        self,
+        rows: _Rows,
+        weight_norms: np.ndarray,
+        update_ratio: np.ndarray | None,
+        new_alerts: list[Alert],
+    ) -> FlushRecord:
+        return FlushRecord(
             layer_names=self.layer_names,
-            steps=steps,
-            grad_norms=norms,
-            total_norms=scalars[:, 0],
-            clip_coefs=scalars[:, 1] if self.clips else None,
-            lr_scales=scalars[:, 2] if self.scales_lr else None,
+            steps=rows.steps,
+            grad_norms=rows.norms,
+            total_norms=rows.scalars[:, 0],
+            clip_coefs=rows.scalars[:, 1] if self.clips else None,
+            lr_scales=rows.scalars[:, 2] if self.scales_lr else None,
             weight_norms=weight_norms,
             update_ratios=update_ratio,
-            histograms=histograms,
+            histograms=rows.histograms,
             new_alerts=new_alerts,
             alert_counts={k.value: v for k, v in self.book.counts().items()},
         )
-        return record
 
     def last_norms(self) -> dict[str, float]:
         """Per-layer L2 gradient norm of the latest flushed step (empty before any)."""
@@ -528,6 +567,9 @@ class Engine:
             self._relayout([self.layout.layers[position[name]] for name in saved_layers])
         self.step_count = state["step"]
         self.book.load_state_dict(state.get("alerts", {}))
+        self._seen = {}
+        if self._mailbox is not None:
+            self._mailbox.clear()
         if "history" in state:
             self.history.load_state_dict(state["history"])
         if self.activations is not None and "activations" in state:
@@ -660,6 +702,8 @@ class Engine:
         self._weights_stale = True
         self._update_ratio = None
         self._snapshot = None
+        self._mailbox = Mailbox(device) if Mailbox.supports(device) else None
+        self._carry = []  # rows of an early flush in the old layout (a regular flush came first)
         self._bind()
 
     # ------------------------------------------------------------------ the step
@@ -912,36 +956,73 @@ class Engine:
             overflow=torch.zeros_like(valid),
         )
 
-    def _alert_from_rows(
+    def _alerts_from_rows(
         self, detector: Detector, steps: np.ndarray, rows: np.ndarray
-    ) -> Alert | None:
+    ) -> list[Alert]:
+        """The new alerts among one detector's rows: each detection, in step order, either
+        continues its episode or is news (:class:`~gradwatch.engine.alerts.AlertBook`)."""
         fired = np.flatnonzero(rows[:, 0] > 0.5) if len(rows) else np.zeros(0, dtype=np.int64)
-        if not len(fired):
-            return None
-        first = fired[0]
-        value = float(rows[first, 1])
-        names = detector.candidate_names()
-        scores = rows[first, 2:]
-        order = [i for i in np.argsort(-scores, kind="stable") if scores[i] > 0]
-        layers = tuple(names[i] for i in order if i < len(names))
-        alert = Alert(
-            kind=detector.kind,
-            step=int(steps[first]),
-            layers=layers,
-            value=value,
-            threshold=float(detector.threshold),
-            severity=detector.severity,
-            message=detector.message(value, layers),
-            advice=advise(
-                detector.kind,
-                self.profile,
+        kind = detector.kind
+        names = detector.candidate_names() if len(fired) else []
+        new: list[Alert] = []
+        for index in fired:
+            step, value = int(steps[index]), float(rows[index, 1])
+            layers = _named(names, rows[index, 2:])
+            if self.book.continues(kind, step, value, layers):
+                self.book.extend(kind, step, value, layers)
+                continue
+            alert = Alert(
+                kind=kind,
+                step=step,
                 layers=layers,
                 value=value,
-                earlier=[a for a in self.book.alerts if a.step <= steps[first]],
-                zero_gradients=self._zero_gradient_layers(len(steps)),
-            ),
-        )
-        return self.book.record(alert, int(steps[fired[-1]]), len(fired))
+                threshold=float(detector.threshold),
+                severity=detector.severity,
+                message=detector.message(value, layers),
+                advice=advise(
+                    kind,
+                    self.profile,
+                    layers=layers,
+                    value=value,
+                    earlier=[a for a in self.book.alerts if a.step <= step],
+                    zero_gradients=self._zero_gradient_layers(len(steps)),
+                ),
+            )
+            self.book.record(alert)
+            new.append(alert)
+        return new
+
+    def _news(self, step: int, mail: list[tuple[Detector, Detection]]) -> bool:
+        """Posts this step's warning/error detections to the mailbox and reads the rows that
+        have reached the host: whether one holds a detection that would be a new alert.
+
+        Healthy steps cost a few tiny device ops and a non-blocking copy; the host reads numpy
+        views of host memory (no sync). Unsupported devices and no detections: False.
+        """
+        mailbox = self._mailbox
+        if mailbox is None or not mail:
+            return False
+        pieces: list[torch.Tensor] = []
+        for _, detection in mail:
+            pieces += [detection.fired.reshape(-1), detection.value.reshape(-1)]
+            if detection.scores is not None:
+                pieces.append(detection.scores.reshape(-1))
+        mailbox.post(step, torch.cat(pieces))
+        news = False
+        for posted, row in mailbox.collect():
+            if posted <= self._materialised:
+                continue  # a flush has put it in the book already
+            offset = 0
+            for detector, detection in mail:
+                size = 2 + (detection.scores.numel() if detection.scores is not None else 0)
+                if row[offset] > 0.5:
+                    kind, value = detector.kind, float(row[offset + 1])
+                    layers = _named(detector.candidate_names(), row[offset + 2 : offset + size])
+                    seen = self._seen.get(kind)
+                    news = news or not self.book.continues(kind, posted, value, layers, seen)
+                    self._seen[kind] = posted if seen is None else max(seen, posted)
+                offset += size
+        return news
 
     def _zero_gradient_layers(self, steps: int) -> set[str]:
         """Layers whose gradient norm was exactly zero at each of the last ``steps`` steps."""
@@ -1017,6 +1098,43 @@ def _stack(detections: list[Detection], device: torch.device) -> torch.Tensor:
 
 def _shape(tensor: torch.Tensor | None) -> tuple[int, ...] | None:
     return None if tensor is None else tuple(tensor.shape)
+
+
+def _named(names: list[str], scores: np.ndarray) -> tuple[str, ...]:
+    """The names with a positive score, highest first."""
+    order = [i for i in np.argsort(-scores, kind="stable") if scores[i] > 0]
+    return tuple(names[i] for i in order if i < len(names))
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The per-step host rows of a flush: steps ``[k]``, norms ``[k, L]``, scalars ``[k, 3]``
+    and the histograms taken."""
+
+    steps: np.ndarray
+    norms: np.ndarray
+    scalars: np.ndarray
+    histograms: list[tuple[int, str, dict[str, Any]]]
+
+    @classmethod
+    def empty(cls, num_layers: int, num_scalars: int) -> _Rows:
+        """No step."""
+        return cls(
+            np.zeros(0, dtype=np.int64),
+            np.zeros((0, num_layers), dtype=np.float32),
+            np.zeros((0, num_scalars), dtype=np.float32),
+            [],
+        )
+
+    @classmethod
+    def join(cls, parts: list[_Rows]) -> _Rows:
+        """The rows of ``parts`` one after the other."""
+        return cls(
+            np.concatenate([p.steps for p in parts]),
+            np.concatenate([p.norms for p in parts]),
+            np.concatenate([p.scalars for p in parts]),
+            [h for p in parts for h in p.histograms],
+        )
 
 
 def _same(

@@ -57,6 +57,10 @@ class WindowSummary:
 class FlushRecord:
     """Everything materialised at one flush, as host values.
 
+    An early flush (out of the ``log_every_n_steps`` cadence, made so that a new warning or error
+    reaches the user within a step or two) gives a record with alerts and no steps: its steps come
+    with the next regular record, so that per-step values keep their cadence.
+
     Attributes:
         layer_names: Layers in forward order (columns of ``grad_norms``).
         steps: ``[k]`` steps recorded since the previous flush.
@@ -88,8 +92,10 @@ class FlushRecord:
 
     @property
     def last_step(self) -> int:
-        """The newest step in this record (-1 when empty)."""
-        return int(self.steps[-1]) if len(self.steps) else -1
+        """The newest step in this record: of its steps, else of its alerts (-1 when neither)."""
+        if len(self.steps):
+            return int(self.steps[-1])
+        return max((alert.step for alert in self.new_alerts), default=-1)
 
     def window(self) -> WindowSummary | None:
         """Per-layer max, min, median and non-finite count over the steps of this record (None

@@ -81,9 +81,23 @@ NaN/Inf even while the scaler's scale is still >= 1 (a scale below 1 counts at o
 
 # ---------------------------------------------------------------------------------------- alerts
 
-ALERT_COOLDOWN = 100
-"""Alerts: steps without a detection after which a condition counts as over; a detection of the
-same kind within that distance of the previous one belongs to the same episode (one alert)."""
+ALERT_CLEAR_STEPS = 10
+"""Alerts: probed steps without a detection after which a condition counts as cleared, so that its
+return is a new alert. Sustained conditions (vanishing, dead units, saturation, stagnation, NaN)
+fire at every step while they hold, and a divergence fires within a few steps of the previous
+detection; ten quiet steps are a clear break. The former 100-step cooldown merged BERT-tiny's
+divergence at step 51 (LR x1000 at step 50) into a spike episode of step 25, long cleared."""
+
+ALERT_ESCALATION = 10.0
+"""Alerts: a detection whose value is this many times worse than the worst value since the
+episode's latest alert (larger for exploding/spike, smaller for vanishing/stagnation ratios) is a
+new alert even while the condition continues: an order of magnitude is never noise of one
+condition (batch-to-batch norm noise is a factor of 1.1-1.5)."""
+
+MAILBOX_DEPTH = 4
+"""Early alerts: steps whose detection flags may be in flight to the host at once (CUDA). When the
+host runs this many steps ahead of the device, posting waits for the oldest copy, which finished
+long ago on the device's timeline, so the device never idles for it."""
 
 # -------------------------------------------------------------------------------------- remedies
 

@@ -205,6 +205,7 @@ class ScalarTags:
         self._alert_counts: dict[str, int] = {}
         self._peak = -math.inf
         self._last_step = -1  # newest step written so far
+        self._early_alerts: list[Alert] = []  # of records without steps, counted with the next
         self._layer_tags: tuple[tuple[str, ...], dict[str, list[str]]] | None = None
 
     def layer_tags(self, names: list[str]) -> dict[str, list[str]]:
@@ -221,7 +222,8 @@ class ScalarTags:
     def scalars(self, record: FlushRecord) -> dict[int, dict[str, float]]:
         """``{step: {tag: value}}`` for one record, steps in increasing order."""
         steps = [int(step) for step in record.steps]
-        if not steps:
+        if not steps:  # an early flush: its alerts are counted with the steps of the next record
+            self._early_alerts += record.new_alerts
             return {}
         columns = [(f"{self.prefix}/grad_norm_total", np.asarray(record.total_norms))]
         if record.clip_coefs is not None:
@@ -232,7 +234,8 @@ class ScalarTags:
         lists = [(tag, np.asarray(values, dtype=np.float64).tolist()) for tag, values in columns]
         out = {step: {tag: values[row] for tag, values in lists} for row, step in enumerate(steps)}
         out[steps[-1]].update(self._layer_values(record))
-        for step, tag, count in self._alert_points(record):
+        alerts, self._early_alerts = [*self._early_alerts, *record.new_alerts], []
+        for step, tag, count in self._alert_points(record, alerts):
             out.setdefault(step, {})[tag] = float(count)
         return dict(sorted(out.items()))
 
@@ -275,9 +278,10 @@ class ScalarTags:
                 values[tags[NONFINITE_FAMILY][index]] = float(window.nonfinite[index])
         return values
 
-    def _alert_points(self, record: FlushRecord) -> list[tuple[int, str, int]]:
+    def _alert_points(self, record: FlushRecord, alerts: list[Alert]) -> list[tuple[int, str, int]]:
         """``(step, tag, count)`` of the alert counts: at the step of each new alert (after the
-        previous count one step earlier), and at the newest step for every kind seen so far."""
+        previous count one step earlier), and at the newest step for every kind seen so far.
+        ``alerts``: the new alerts of the record and of the early records before it."""
         first, last = int(record.steps[0]), int(record.steps[-1])
         earliest = max(first - 1, self._last_step, 0)  # never before what was already written
         self._last_step = last
@@ -286,7 +290,7 @@ class ScalarTags:
             before = self._alert_counts.get(kind, 0)
             self._alert_counts[kind] = count
             tag = f"{self.prefix}/alerts/{kind}"
-            new = sorted(a.step for a in record.new_alerts if a.kind.value == kind)
+            new = sorted(a.step for a in alerts if a.kind.value == kind)
             new = [step for step in new if first <= step <= last][-max(count - before, 0) :]
             if len(new) == count - before:
                 for offset, step in enumerate(new):
