@@ -993,35 +993,34 @@ class Engine:
         return new
 
     def _news(self, step: int, mail: list[tuple[Detector, Detection]]) -> bool:
-        """Posts this step's warning/error detections to the mailbox and reads the rows that
-        have reached the host: whether one holds a detection that would be a new alert.
+        """Posts this step's warning/error detections (fired flags and values) to the mailbox
+        and reads the rows that have reached the host: whether one holds a detection that would
+        be a new alert (no open episode, cleared, or escalated).
 
-        Healthy steps cost a few tiny device ops and a non-blocking copy; the host reads numpy
-        views of host memory (no sync). Unsupported devices and no detections: False.
+        Healthy steps cost one concatenation and a non-blocking copy; the host reads numpy views
+        of host memory (no sync). The layers are not mailed: a condition that only moves to other
+        layers within its episode is announced at the next regular flush. Unsupported devices and
+        no detections: False.
         """
         mailbox = self._mailbox
         if mailbox is None or not mail:
             return False
-        pieces: list[torch.Tensor] = []
-        for _, detection in mail:
-            pieces += [detection.fired.reshape(-1), detection.value.reshape(-1)]
-            if detection.scores is not None:
-                pieces.append(detection.scores.reshape(-1))
-        mailbox.post(step, torch.cat(pieces))
+        parts = [detection.fired for _, detection in mail]
+        parts += [detection.value for _, detection in mail]
+        if not all(part.shape == (1,) for part in parts):  # 0-d answers are allowed too
+            parts = [part.reshape(1) for part in parts]
+        mailbox.post(step, torch.cat(parts))  # flags (as 0/1), then values
+        count = len(mail)
         news = False
         for posted, row in mailbox.collect():
             if posted <= self._materialised:
                 continue  # a flush has put it in the book already
-            offset = 0
-            for detector, detection in mail:
-                size = 2 + (detection.scores.numel() if detection.scores is not None else 0)
-                if row[offset] > 0.5:
-                    kind, value = detector.kind, float(row[offset + 1])
-                    layers = _named(detector.candidate_names(), row[offset + 2 : offset + size])
+            for index, (detector, _) in enumerate(mail):
+                if row[index] > 0.5:
+                    kind, value = detector.kind, float(row[count + index])
                     seen = self._seen.get(kind)
-                    news = news or not self.book.continues(kind, posted, value, layers, seen)
+                    news = news or not self.book.continues(kind, posted, value, (), seen)
                     self._seen[kind] = posted if seen is None else max(seen, posted)
-                offset += size
         return news
 
     def _zero_gradient_layers(self, steps: int) -> set[str]:
