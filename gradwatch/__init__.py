@@ -22,6 +22,7 @@ _EXPORTS = {
     "DeadUnitsDetector": "gradwatch.engine.detectors",
     "Detector": "gradwatch.engine.detectors",
     "ExplodingDetector": "gradwatch.engine.detectors",
+    "ExplodingProfileDetector": "gradwatch.engine.detectors",
     "GradWatch": "gradwatch.watch",
     "GradientError": "gradwatch.engine.alerts",
     "LRBackoff": "gradwatch.engine.remedies",
@@ -38,6 +39,7 @@ _EXPORTS = {
     "StepReport": "gradwatch.engine.observation",
     "TensorBoardSink": "gradwatch.sinks.tensorboard",
     "VanishingDetector": "gradwatch.engine.detectors",
+    "ZeroGradientDetector": "gradwatch.engine.detectors",
     "WandbSink": "gradwatch.sinks.wandb",
     "WatchConfig": "gradwatch.engine.config",
     "ZClip": "gradwatch.engine.remedies",
@@ -54,6 +56,7 @@ __all__ = [
     "DeadUnitsDetector",
     "Detector",
     "ExplodingDetector",
+    "ExplodingProfileDetector",
     "GradWatch",
     "GradientError",
     "LRBackoff",
@@ -73,6 +76,7 @@ __all__ = [
     "WandbSink",
     "WatchConfig",
     "ZClip",
+    "ZeroGradientDetector",
     "__version__",
     "audit",
 ]
@@ -98,11 +102,13 @@ if TYPE_CHECKING:
         DeadUnitsDetector,
         Detector,
         ExplodingDetector,
+        ExplodingProfileDetector,
         NonFiniteDetector,
         SaturationDetector,
         SpikeDetector,
         StagnationDetector,
         VanishingDetector,
+        ZeroGradientDetector,
     )
     from gradwatch.engine.observation import StepReport
     from gradwatch.engine.origin import Origin

@@ -72,13 +72,20 @@ def _image_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_default_detectors_grow_with_the_options() -> None:
     kinds = [type(d).__name__ for d in default_detectors()]
-    assert kinds == ["VanishingDetector", "ExplodingDetector", "SpikeDetector", "NonFiniteDetector"]
+    assert kinds == [
+        "VanishingDetector",
+        "ExplodingDetector",
+        "ExplodingProfileDetector",
+        "SpikeDetector",
+        "NonFiniteDetector",
+        "ZeroGradientDetector",
+    ]
     with_activations = [type(d).__name__ for d in default_detectors(check_activations=True)]
-    assert with_activations[4:] == ["SaturationDetector", "DeadUnitsDetector"]
+    assert with_activations[6:] == ["SaturationDetector", "DeadUnitsDetector"]
     everything = [
         type(d).__name__ for d in default_detectors(check_activations=True, track_updates=True)
     ]
-    assert everything[-1] == "StagnationDetector" and len(everything) == 7
+    assert everything[-1] == "StagnationDetector" and len(everything) == 9
 
 
 @pytest.mark.parametrize(
@@ -86,8 +93,14 @@ def test_default_detectors_grow_with_the_options() -> None:
     [
         (lambda: gw.VanishingDetector(ratio=2.0), "ratio.*2.0"),
         (lambda: gw.VanishingDetector(patience=0), "patience.*0"),
-        (lambda: gw.ExplodingDetector(ratio=-1.0), "ratio.*-1.0"),
+        (lambda: gw.ExplodingDetector(adaptive_ratio=-1.0), "adaptive_ratio.*-1.0"),
+        (lambda: gw.ExplodingDetector(sgd_ratio=-1.0), "sgd_ratio.*-1.0"),
         (lambda: gw.ExplodingDetector(weight_floor=1.5), "weight_floor.*1.5"),
+        (lambda: gw.ExplodingProfileDetector(ratio=0.5), "ratio.*0.5"),
+        (lambda: gw.ExplodingProfileDetector(once=0.5), "once.*0.5"),
+        (lambda: gw.SpikeDetector(layer_min_ratio=0.5), "layer_min_ratio.*0.5"),
+        (lambda: gw.ZeroGradientDetector(patience=0), "patience.*0"),
+        (lambda: gw.DeadUnitsDetector(total_window=0), "total_window.*0"),
         (lambda: gw.SpikeDetector(z_threshold=0), "z_threshold.*0"),
         (lambda: gw.SpikeDetector(min_ratio=0.5), "min_ratio.*0.5"),
         (lambda: gw.SpikeDetector(beta=1.0), "beta.*1.0"),
@@ -213,7 +226,7 @@ def test_healthy_models_stay_quiet_for_150_steps(case: str) -> None:
         check_activations=True,
         track_updates=True,
     )
-    assert watch.step_count == 160 and len(watch.detectors) == 7
+    assert watch.step_count == 160 and len(watch.detectors) == 9
     assert _loud(watch) == []
     assert sum(losses[-20:]) < sum(losses[:20])  # it really trained
 

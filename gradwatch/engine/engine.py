@@ -42,6 +42,7 @@ from gradwatch.engine.layers import (
     select_layers,
     unwrap,
 )
+from gradwatch.engine.learning_rates import LearningRates
 from gradwatch.engine.mailbox import Mailbox
 from gradwatch.engine.observation import (
     Detection,
@@ -209,6 +210,7 @@ class Engine:
         self._update_ratio: torch.Tensor | None = None
         self._snapshot: list[torch.Tensor] | None = None
         self._previous_applied = self._true
+        self._lrs = LearningRates(self.optimizer, self.layout) if self.optimizer else None
         self._bind()
 
     # ------------------------------------------------------------------ public
@@ -325,6 +327,8 @@ class Engine:
             update_applied=self._previous_applied if update_ratio is not None else None,
             activations=activations,
             forward=forward,
+            lr=self._lrs.read() if self._lrs is not None else None,
+            update_rule=self._lrs.rule if self._lrs is not None else None,
         )
         flags: dict[AlertKind, torch.Tensor] = {}
         mail: list[tuple[Detector, Detection]] = []
@@ -704,6 +708,8 @@ class Engine:
         self._snapshot = None
         self._mailbox = Mailbox(device) if Mailbox.supports(device) else None
         self._carry = []  # rows of an early flush in the old layout (a regular flush came first)
+        if self.optimizer is not None:
+            self._lrs = LearningRates(self.optimizer, self.layout)
         self._bind()
 
     # ------------------------------------------------------------------ the step
@@ -954,6 +960,8 @@ class Engine:
             grads_finite=valid,
             loss_finite=torch.ones_like(valid),
             overflow=torch.zeros_like(valid),
+            lr=self._lrs.read() if self._lrs is not None else None,
+            update_rule=self._lrs.rule if self._lrs is not None else None,
         )
 
     def _alerts_from_rows(
