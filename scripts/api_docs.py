@@ -37,6 +37,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
             "gradwatch.VanishingDetector",
             "gradwatch.ExplodingDetector",
             "gradwatch.ExplodingProfileDetector",
+            "gradwatch.NormGrowthDetector",
             "gradwatch.SpikeDetector",
             "gradwatch.NonFiniteDetector",
             "gradwatch.ZeroGradientDetector",

@@ -76,16 +76,17 @@ def test_default_detectors_grow_with_the_options() -> None:
         "VanishingDetector",
         "ExplodingDetector",
         "ExplodingProfileDetector",
+        "NormGrowthDetector",
         "SpikeDetector",
         "NonFiniteDetector",
         "ZeroGradientDetector",
     ]
     with_activations = [type(d).__name__ for d in default_detectors(check_activations=True)]
-    assert with_activations[6:] == ["SaturationDetector", "DeadUnitsDetector"]
+    assert with_activations[7:] == ["SaturationDetector", "DeadUnitsDetector"]
     everything = [
         type(d).__name__ for d in default_detectors(check_activations=True, track_updates=True)
     ]
-    assert everything[-1] == "StagnationDetector" and len(everything) == 9
+    assert everything[-1] == "StagnationDetector" and len(everything) == 10
 
 
 @pytest.mark.parametrize(
@@ -100,6 +101,8 @@ def test_default_detectors_grow_with_the_options() -> None:
         (lambda: gw.ExplodingProfileDetector(once=0.5), "once.*0.5"),
         (lambda: gw.SpikeDetector(layer_min_ratio=0.5), "layer_min_ratio.*0.5"),
         (lambda: gw.ZeroGradientDetector(patience=0), "patience.*0"),
+        (lambda: gw.NormGrowthDetector(growth=0.5), "growth.*0.5"),
+        (lambda: gw.NormGrowthDetector(window=1), "window.*1"),
         (lambda: gw.DeadUnitsDetector(total_window=0), "total_window.*0"),
         (lambda: gw.SpikeDetector(z_threshold=0), "z_threshold.*0"),
         (lambda: gw.SpikeDetector(min_ratio=0.5), "min_ratio.*0.5"),
@@ -226,7 +229,7 @@ def test_healthy_models_stay_quiet_for_150_steps(case: str) -> None:
         check_activations=True,
         track_updates=True,
     )
-    assert watch.step_count == 160 and len(watch.detectors) == 9
+    assert watch.step_count == 160 and len(watch.detectors) == 10
     assert _loud(watch) == []
     assert sum(losses[-20:]) < sum(losses[:20])  # it really trained
 
@@ -611,3 +614,45 @@ def test_spike_needs_10x_in_a_layer_3x_in_the_total_and_skips_layers_not_updated
     assert layer.scores is not None and layer.scores[0].argmax() == 1
     total = detector.observe(factories.observation([4.0] * 64, lr=lr))  # every layer 4x
     assert total.fired.tolist() == [True]
+
+
+# ----------------------------------------------------------------------------- norm growth
+
+
+@pytest.mark.parametrize(("factor", "fires"), [(1.0, False), (1.05, False), (1.3, True)])
+def test_norm_growth_fires_on_a_steady_climb_that_the_spike_detector_follows(
+    factor: float, fires: bool
+) -> None:
+    from tests import factories
+
+    growth = gw.NormGrowthDetector()
+    spike = gw.SpikeDetector()
+    growth.bind(factories.layout([4] * 8))
+    spike.bind(factories.layout([4] * 8))
+    generator = torch.Generator().manual_seed(0)
+    growth_steps: list[int] = []
+    spiked = False
+    for block in range(6):
+        steps = list(range(20 * block, 20 * block + 20))
+        rows = [
+            ((1.0 + 0.1 * torch.randn(8, generator=generator)) * factor ** max(0, s - 60)).tolist()
+            for s in steps
+        ]
+        detection = growth.observe(factories.observation(rows, steps=steps))
+        growth_steps += [s for s, f in zip(steps, detection.fired.tolist(), strict=True) if f]
+        spiked |= any(bool(spike.observe(factories.observation(row)).fired) for row in rows)
+    assert not spiked  # the EMA follows a steady climb
+    assert bool(growth_steps) is fires
+    if fires:
+        assert 60 < growth_steps[0] <= 80
+
+
+def test_norm_growth_ignores_one_jump_and_invalid_steps() -> None:
+    from tests import factories
+
+    detector = gw.NormGrowthDetector(growth=30.0, window=4)
+    detector.bind(factories.layout([4, 4]))
+    jump = detector.observe(factories.observation([[1.0, 1.0]] * 6 + [[100.0, 100.0]] * 6))
+    assert not jump.fired.any()  # 100x at once: only one half grew
+    nan = detector.observe(factories.observation([[math.nan, 1.0]] * 4 + [[1e9, 1e9]]))
+    assert not nan.fired.any()

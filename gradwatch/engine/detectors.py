@@ -37,6 +37,8 @@ from gradwatch.engine.thresholds import (
     EXPLODING_PROFILE_RATIO,
     EXPLODING_SGD_UPDATE,
     EXPLODING_WEIGHT_FLOOR,
+    NORM_GROWTH,
+    NORM_GROWTH_WINDOW,
     SATURATION_FRACTION,
     SATURATION_PATIENCE,
     SPIKE_BETA,
@@ -248,6 +250,50 @@ class ExplodingProfileDetector(_Profile):
             f"{value:.3g} times the last layers' (threshold {self.threshold:g} for "
             f"{self.patience} steps, or {self.once:g} once); {format_layers(layers)} get "
             "the largest gradients"
+        )
+
+
+class NormGrowthDetector(Detector):
+    """The total gradient norm grows multiplicatively, step after step: a slow explosion.
+
+    Compares every step's total norm with the one ``window`` steps earlier: fires when it grew more
+    than ``growth`` times over the window and by at least ``growth ** 0.25`` over each half of it
+    (a steady climb, not one jump, which is the spike detector's business). An EMA-based spike
+    detector misses such a climb: its mean and deviation follow the trend. Invalid steps (NaN/Inf,
+    AMP overflow) compare with nothing. A slow condition: it runs at the flush.
+
+    Args:
+        growth: Factor by which the total norm must grow over ``window`` steps.
+        window: Steps over which the growth is measured.
+    """
+
+    kind = AlertKind.EXPLODING
+    cadence = "flush"
+    tail: torch.Tensor
+
+    def __init__(self, growth: float = NORM_GROWTH, window: int = NORM_GROWTH_WINDOW) -> None:
+        super().__init__(_check_ratio("growth", growth))
+        self.window = check_int("window", window, minimum=2)
+        self._log_growth = math.log(self.threshold)
+        self.add_state("tail", math.nan, self.window)  # log totals of the last steps
+
+    def observe(self, obs: Observation) -> Detection:
+        k = obs.totals.shape[0]
+        log_total = torch.where(obs.valid & (obs.totals > 0), obs.totals.log(), torch.nan)
+        sequence = torch.cat([self.tail, log_total])
+        window, half = self.window, self.window // 2
+        whole = sequence[window:] - sequence[:-window]
+        late = sequence[window:] - sequence[window - half : window - half + k]
+        early = whole - late
+        quarter = self._log_growth / 4
+        fired = (whole > self._log_growth) & (late > quarter) & (early > quarter)
+        self.tail = sequence[-window:]
+        return Detection(fired=fired, value=whole.exp().nan_to_num(0.0))
+
+    def message(self, value: float, layers: tuple[str, ...]) -> str:
+        return (
+            f"the total gradient norm grew {value:.3g} times over {self.window} steps, steadily "
+            f"(threshold {self.threshold:g}): gradients are exploding step after step"
         )
 
 
@@ -720,8 +766,8 @@ class StagnationDetector(Detector):
 def default_detectors(
     *, check_activations: bool = False, track_updates: bool = False
 ) -> list[Detector]:
-    """The detectors ``detectors="default"`` means: vanishing, exploding (update size and gradient
-    profile), spike, non-finite, zero gradient.
+    """The detectors ``detectors="default"`` means: vanishing, exploding (update size, gradient
+    profile, norm growth), spike, non-finite, zero gradient.
 
     With ``check_activations`` the saturation and dead-unit detectors join them, with
     ``track_updates`` the stagnation detector.
@@ -730,6 +776,7 @@ def default_detectors(
         VanishingDetector(),
         ExplodingDetector(),
         ExplodingProfileDetector(),
+        NormGrowthDetector(),
         SpikeDetector(),
         NonFiniteDetector(),
         ZeroGradientDetector(),

@@ -59,6 +59,16 @@ EXPLODING_PROFILE_PATIENCE = 10
 """Exploding (profile): consecutive valid steps above :data:`EXPLODING_PROFILE_RATIO`, as for
 vanishing."""
 
+NORM_GROWTH = 30.0
+"""Exploding (norm growth): factor by which the total gradient norm must grow over
+:data:`NORM_GROWTH_WINDOW` steps (1.19x per step, sustained). Healthy runs rise at most ~7x over
+their first 50 steps (BERT-tiny under AdamW: 0.17 to 1.2) and fall afterwards; a total norm
+growing 1.2x per step (which the spike detector, whose EMA follows the trend, never flags below
+1.5x per step) fires after 19 steps of the climb, 1.3x after 14."""
+
+NORM_GROWTH_WINDOW = 20
+"""Exploding (norm growth): steps over which the growth is measured; each half must grow too."""
+
 SPIKE_Z = 6.0
 """Spike: z-score of the log-norm against its EMA mean and deviation. Six deviations is far outside
 batch-to-batch noise (whose log-norm deviation is typically 0.1-0.3)."""
