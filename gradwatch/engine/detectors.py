@@ -304,9 +304,10 @@ class ExplodingDetector(Detector):
     coming update: under the Adam family every element moves by about the learning rate whatever
     the gradient's size, so the relative update is ``lr * sqrt(numel) / ||w||``; under SGD it is
     ``lr * ||g|| / ||w||``. The learning rates are the ones the optimizer will apply at this step
-    (re-read at every step, schedules and manual changes included). A layer's weight RMS counts as
-    at least ``weight_floor`` times the model's median (refreshed at step 0 and every flush), so
-    zero-initialised layers and their first tiny weights are not divided by ~0. Layers the
+    (re-read at every step, schedules and manual changes included, times the scale an LR remedy
+    such as LRBackoff applied at the previous step, so that a backoff settles). A layer's weight
+    RMS counts as at least ``weight_floor`` times the model's median (refreshed at step 0 and every
+    flush), so zero-initialised layers and their first tiny weights are not divided by ~0. Layers the
     optimizer does not update (frozen by leaving them out, ``lr=0``) are never judged. Without an
     optimizer, or with one whose rule is neither (L-BFGS, LAMB...), it stays quiet. Invalid steps
     (NaN/Inf, AMP overflow) belong to the non-finite detector.
