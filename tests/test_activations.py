@@ -207,7 +207,7 @@ def test_no_host_sync_between_flushes_with_every_detector() -> None:
     watch = gw.GradWatch(
         model, optimizer, log_every_n_steps=5, check_activations=True, track_updates=True
     )
-    assert len(watch.detectors) == 10
+    assert len(watch.detectors) == 9
     x, y = zoo.regression_data(n=32)
     per_step = []
     for _ in range(15):

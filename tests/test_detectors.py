@@ -76,17 +76,16 @@ def test_default_detectors_grow_with_the_options() -> None:
         "VanishingDetector",
         "ExplodingDetector",
         "ExplodingProfileDetector",
-        "NormGrowthDetector",
         "SpikeDetector",
         "NonFiniteDetector",
         "ZeroGradientDetector",
     ]
     with_activations = [type(d).__name__ for d in default_detectors(check_activations=True)]
-    assert with_activations[7:] == ["SaturationDetector", "DeadUnitsDetector"]
+    assert with_activations[6:] == ["SaturationDetector", "DeadUnitsDetector"]
     everything = [
         type(d).__name__ for d in default_detectors(check_activations=True, track_updates=True)
     ]
-    assert everything[-1] == "StagnationDetector" and len(everything) == 10
+    assert everything[-1] == "StagnationDetector" and len(everything) == 9
 
 
 @pytest.mark.parametrize(
@@ -229,7 +228,7 @@ def test_healthy_models_stay_quiet_for_150_steps(case: str) -> None:
         check_activations=True,
         track_updates=True,
     )
-    assert watch.step_count == 160 and len(watch.detectors) == 10
+    assert watch.step_count == 160 and len(watch.detectors) == 9
     assert _loud(watch) == []
     assert sum(losses[-20:]) < sum(losses[:20])  # it really trained
 
