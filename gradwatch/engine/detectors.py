@@ -312,9 +312,9 @@ class ExplodingDetector(Detector):
     such as LRBackoff applied at the previous step, so that a backoff settles). A layer's weight
     RMS counts as at least ``weight_floor`` times the model's median (refreshed at step 0 and
     every flush), so zero-initialised layers and their first tiny weights are not divided by ~0.
-    Layers the optimizer does not update (frozen by leaving them out, ``lr=0``) are never judged. Without an
-    optimizer, or with one whose rule is neither (L-BFGS, LAMB...), it stays quiet. Invalid steps
-    (NaN/Inf, AMP overflow) belong to the non-finite detector.
+    Layers the optimizer does not update (frozen by leaving them out, ``lr=0``) are never judged.
+    Without an optimizer, or with one whose rule is neither (L-BFGS, LAMB...), it stays quiet.
+    Invalid steps (NaN/Inf, AMP overflow) belong to the non-finite detector.
 
     Args:
         adaptive_ratio: Relative update above which an Adam-family update overshoots.
