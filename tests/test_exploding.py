@@ -289,14 +289,20 @@ def test_tensor_learning_rates_are_read_without_a_host_sync_and_follow_in_place_
     x = torch.randn(32, 8)
     model(x).pow(2).mean().backward()
     watch.step()  # the first step measures the weights (and reads the layout) once
+    rates = LearningRates(optimizer, watch.engine.layout)
     with count_syncs() as syncs:
-        for step in range(1, 6):
-            if step == 4:
-                optimizer.param_groups[0]["lr"].fill_(10.0)  # in place: a new version
+        for _ in range(1, 4):
             optimizer.zero_grad()
             model(x).pow(2).mean().backward()
             watch.step()
+        before = rates.read()
+        optimizer.param_groups[0]["lr"].fill_(10.0)  # in place: a new version, read on the device
+        after = rates.read()
     assert sum(syncs.values()) == 0, syncs
+    assert after is not before and after.tolist() == pytest.approx([10.0, 10.0])
+    optimizer.zero_grad()
+    model(x).pow(2).mean().backward()
+    watch.step()  # step 4: the update would overshoot
     watch.flush()
     exploding = [a for a in watch.alerts if a.kind is gw.AlertKind.EXPLODING]
     watch.close()
