@@ -63,8 +63,8 @@ class GradWatch:
         writer: An existing ``SummaryWriter`` (or an object with its ``add_*`` methods) instead.
         log_every_n_steps: Flush cadence (host transfer, alerts, per-layer scalars); >= 1.
         histogram_every_n_steps: Gradient histogram cadence; 0 disables histograms.
-        detectors: ``"default"`` (vanishing, exploding, spike, non-finite), a sequence of detector
-            objects, or ``()`` for none.
+        detectors: ``"default"`` (vanishing, exploding by update size and by gradient profile,
+            spike, non-finite, zero gradient), a sequence of detector objects, or ``()`` for none.
         remedies: Remedy objects, applied in order.
         scaler: The ``torch.amp.GradScaler``, so AMP overflow steps are recognised.
         check_activations: Forward hooks for saturation, dead units and the first non-finite output.

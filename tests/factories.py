@@ -35,6 +35,8 @@ def observation(
     overflow: bool = False,
     update_ratio: Sequence[float] | None = None,
     update_applied: bool = True,
+    lr: Sequence[float] | None = None,
+    update_rule: str | None = None,
 ) -> Observation:
     """An observation of one step (``norms`` of length L) or of ``k`` steps (``[k, L]``)."""
     rows = torch.tensor(norms, dtype=torch.float32)
@@ -55,6 +57,8 @@ def observation(
         overflow=torch.full((k,), overflow),
         update_ratio=torch.tensor(update_ratio) if update_ratio is not None else None,
         update_applied=torch.tensor(update_applied) if update_ratio is not None else None,
+        lr=torch.tensor(lr, dtype=torch.float32) if lr is not None else None,
+        update_rule=update_rule,
     )
 
 

@@ -72,13 +72,20 @@ def _image_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_default_detectors_grow_with_the_options() -> None:
     kinds = [type(d).__name__ for d in default_detectors()]
-    assert kinds == ["VanishingDetector", "ExplodingDetector", "SpikeDetector", "NonFiniteDetector"]
+    assert kinds == [
+        "VanishingDetector",
+        "ExplodingDetector",
+        "ExplodingProfileDetector",
+        "SpikeDetector",
+        "NonFiniteDetector",
+        "ZeroGradientDetector",
+    ]
     with_activations = [type(d).__name__ for d in default_detectors(check_activations=True)]
-    assert with_activations[4:] == ["SaturationDetector", "DeadUnitsDetector"]
+    assert with_activations[6:] == ["SaturationDetector", "DeadUnitsDetector"]
     everything = [
         type(d).__name__ for d in default_detectors(check_activations=True, track_updates=True)
     ]
-    assert everything[-1] == "StagnationDetector" and len(everything) == 7
+    assert everything[-1] == "StagnationDetector" and len(everything) == 9
 
 
 @pytest.mark.parametrize(
@@ -86,8 +93,16 @@ def test_default_detectors_grow_with_the_options() -> None:
     [
         (lambda: gw.VanishingDetector(ratio=2.0), "ratio.*2.0"),
         (lambda: gw.VanishingDetector(patience=0), "patience.*0"),
-        (lambda: gw.ExplodingDetector(ratio=-1.0), "ratio.*-1.0"),
+        (lambda: gw.ExplodingDetector(adaptive_ratio=-1.0), "adaptive_ratio.*-1.0"),
+        (lambda: gw.ExplodingDetector(sgd_ratio=-1.0), "sgd_ratio.*-1.0"),
         (lambda: gw.ExplodingDetector(weight_floor=1.5), "weight_floor.*1.5"),
+        (lambda: gw.ExplodingProfileDetector(ratio=0.5), "ratio.*0.5"),
+        (lambda: gw.ExplodingProfileDetector(once=0.5), "once.*0.5"),
+        (lambda: gw.SpikeDetector(layer_min_ratio=0.5), "layer_min_ratio.*0.5"),
+        (lambda: gw.ZeroGradientDetector(patience=0), "patience.*0"),
+        (lambda: gw.NormGrowthDetector(growth=0.5), "growth.*0.5"),
+        (lambda: gw.NormGrowthDetector(window=1), "window.*1"),
+        (lambda: gw.DeadUnitsDetector(total_window=0), "total_window.*0"),
         (lambda: gw.SpikeDetector(z_threshold=0), "z_threshold.*0"),
         (lambda: gw.SpikeDetector(min_ratio=0.5), "min_ratio.*0.5"),
         (lambda: gw.SpikeDetector(beta=1.0), "beta.*1.0"),
@@ -213,7 +228,7 @@ def test_healthy_models_stay_quiet_for_150_steps(case: str) -> None:
         check_activations=True,
         track_updates=True,
     )
-    assert watch.step_count == 160 and len(watch.detectors) == 7
+    assert watch.step_count == 160 and len(watch.detectors) == 9
     assert _loud(watch) == []
     assert sum(losses[-20:]) < sum(losses[:20])  # it really trained
 
@@ -223,6 +238,7 @@ def test_zero_initialised_residual_branches_are_not_divided_by_zero() -> None:
     model = zoo.residual_mlp()
     watch = gw.GradWatch(
         model,
+        torch.optim.AdamW(model.parameters(), lr=1e-3),
         detectors=[gw.ExplodingDetector(), gw.VanishingDetector(patience=1)],
         log_every_n_steps=1,
     )
@@ -463,3 +479,179 @@ def test_stagnation_stays_quiet_while_every_layer_learns() -> None:
         track_updates=True,
     )
     assert "stagnation" not in _kinds(watch)
+
+
+# ----------------------------------------------------------------------------- zero gradient
+
+
+def _dead_relu_mlp() -> nn.Sequential:
+    """Three layers; the second ReLU never fires, so layers 0 and 2 get exactly zero gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1)
+    )
+    with torch.no_grad():
+        model[2].bias.fill_(-100.0)
+    return model
+
+
+def test_zero_gradients_are_reported_by_default_naming_the_layers() -> None:
+    model = _dead_relu_mlp()
+    watch, _ = _train(
+        model,
+        zoo.regression_data(),
+        nn.functional.mse_loss,
+        steps=200,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+        log_every_n_steps=25,
+    )
+    zero = [a for a in watch.alerts if a.kind is gw.AlertKind.ZERO_GRAD]
+    assert len(zero) == 1 and zero[0].step == gw.ZeroGradientDetector().patience - 1
+    assert set(zero[0].layers) == {"0", "2"} and zero[0].severity == "warning"
+    assert "exactly-zero gradient" in zero[0].message
+
+
+def test_zero_gradients_of_layers_outside_the_optimizer_or_embeddings_are_not_reported() -> None:
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {
+            "embedding": nn.Embedding(50, 16),
+            "mlp": _dead_relu_mlp(),
+        }
+    )
+    optimizer = torch.optim.Adam(
+        [*model["embedding"].parameters(), *model["mlp"][4].parameters()], lr=1e-3
+    )
+    watch = gw.GradWatch(model, optimizer, log_every_n_steps=20)
+    x, y = zoo.regression_data()
+    for _ in range(80):
+        optimizer.zero_grad()
+        hidden = model["embedding"](torch.zeros(len(x), dtype=torch.long)) * 0.0
+        loss = nn.functional.mse_loss(model["mlp"](x + hidden), y)
+        loss.backward()
+        watch.step(loss=loss)
+        optimizer.step()
+    watch.close()
+    assert [a.kind for a in watch.alerts] == []
+
+
+def test_zero_gradient_run_ignores_invalid_steps_and_resets_when_it_moves() -> None:
+    from tests import factories
+
+    detector = gw.ZeroGradientDetector(patience=3)
+    detector.bind(factories.layout((4, 4)))
+    zero = [0.0, 1.0]
+    first = detector.observe(factories.observation([zero, zero]))
+    assert first.fired.tolist() == [False, False]
+    nan_step = detector.observe(factories.observation([[0.0, math.nan]]))
+    assert nan_step.fired.tolist() == [False]
+    fired = detector.observe(factories.observation([zero, [1.0, 1.0], zero]))
+    assert fired.fired.tolist() == [True, False, False]
+    assert fired.scores is not None and fired.scores[0].tolist() == [3.0, 0.0]
+    idle = detector.observe(factories.observation([zero], lr=[0.0, 1.0]))  # not updated
+    assert idle.fired.tolist() == [False]
+
+
+# ----------------------------------------------------------------------------- dead units
+
+
+def test_a_relu_layer_dead_entirely_is_reported_within_20_steps_partial_death_after_50() -> None:
+    model = _dead_relu_mlp()
+    watch, _ = _train(
+        model,
+        zoo.regression_data(),
+        nn.functional.mse_loss,
+        steps=60,
+        optimizer=torch.optim.SGD(model.parameters(), lr=1e-3),
+        detectors=[gw.DeadUnitsDetector()],
+        check_activations=True,
+        log_every_n_steps=10,
+    )
+    (alert,) = watch.alerts
+    assert alert.step == 19 and alert.layers == ("3",) and alert.value == 1.0
+    assert "every unit" in alert.message
+
+    half = _dead_relu_mlp()
+    with torch.no_grad():
+        half[2].bias[:16] = 0.0  # half of the units live
+    watch, _ = _train(
+        half,
+        zoo.regression_data(),
+        nn.functional.mse_loss,
+        steps=60,
+        optimizer=torch.optim.SGD(half.parameters(), lr=1e-3),
+        detectors=[gw.DeadUnitsDetector()],
+        check_activations=True,
+        log_every_n_steps=10,
+    )
+    (alert,) = watch.alerts
+    assert alert.step == 49 and alert.layers == ("3",) and 0.5 <= alert.value < 1.0
+
+
+# ----------------------------------------------------------------------------- spike thresholds
+
+
+def test_spike_needs_10x_in_a_layer_3x_in_the_total_and_skips_layers_not_updated() -> None:
+    from tests import factories
+
+    detector = gw.SpikeDetector(warmup=5)
+    detector.bind(factories.layout([4] * 64))
+    generator = torch.Generator().manual_seed(0)
+    lr = [0.1] * 63 + [0.0]  # the last layer is not updated
+
+    def jump(layer: int, factor: float) -> list[float]:
+        return [factor if index == layer else 1.0 for index in range(64)]
+
+    for _ in range(20):
+        noisy = (1.0 + 0.05 * torch.randn(64, generator=generator)).tolist()
+        assert not detector.observe(factories.observation(noisy, lr=lr)).fired.any()
+    # 20x in one of 64 layers moves the total 2.7x: only the layer rule can fire.
+    assert not detector.observe(factories.observation(jump(1, 6.0), lr=lr)).fired.any()
+    assert not detector.observe(factories.observation(jump(63, 20.0), lr=lr)).fired.any()
+    layer = detector.observe(factories.observation(jump(1, 20.0), lr=lr))
+    assert layer.fired.tolist() == [True]
+    assert layer.scores is not None and layer.scores[0].argmax() == 1
+    total = detector.observe(factories.observation([4.0] * 64, lr=lr))  # every layer 4x
+    assert total.fired.tolist() == [True]
+
+
+# ----------------------------------------------------------------------------- norm growth
+
+
+@pytest.mark.parametrize(("factor", "fires"), [(1.0, False), (1.05, False), (1.3, True)])
+def test_norm_growth_fires_on_a_steady_climb_that_the_spike_detector_follows(
+    factor: float, fires: bool
+) -> None:
+    from tests import factories
+
+    growth = gw.NormGrowthDetector()
+    spike = gw.SpikeDetector()
+    growth.bind(factories.layout([4] * 8))
+    spike.bind(factories.layout([4] * 8))
+    generator = torch.Generator().manual_seed(0)
+    growth_steps: list[int] = []
+    spiked = False
+    for block in range(6):
+        steps = list(range(20 * block, 20 * block + 20))
+        rows = [
+            ((1.0 + 0.1 * torch.randn(8, generator=generator)) * factor ** max(0, s - 60)).tolist()
+            for s in steps
+        ]
+        detection = growth.observe(factories.observation(rows, steps=steps))
+        growth_steps += [s for s, f in zip(steps, detection.fired.tolist(), strict=True) if f]
+        spiked |= any(bool(spike.observe(factories.observation(row)).fired) for row in rows)
+    assert not spiked  # the EMA follows a steady climb
+    assert bool(growth_steps) is fires
+    if fires:
+        assert 60 < growth_steps[0] <= 80
+
+
+def test_norm_growth_ignores_one_jump_and_invalid_steps() -> None:
+    from tests import factories
+
+    detector = gw.NormGrowthDetector(growth=30.0, window=4)
+    detector.bind(factories.layout([4, 4]))
+    jump = detector.observe(factories.observation([[1.0, 1.0]] * 6 + [[100.0, 100.0]] * 6))
+    assert not jump.fired.any()  # 100x at once: only one half grew
+    nan = detector.observe(factories.observation([[math.nan, 1.0]] * 4 + [[1e9, 1e9]]))
+    assert not nan.fired.any()

@@ -49,17 +49,6 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "diagnosis_table.py"
 SEEDS = {"mlp": (0, 1, 2), "lstm": (0, 1), "gpt2": (0, 1), "bert": (0,), "resnet": (0,)}
 
 
-def _until_fixed(reason: str) -> pytest.MarkDecorator:
-    """Marks a case that fails on main before the issue-13 fixes (removed once they are merged)."""
-    return pytest.mark.xfail(strict=False, reason=f"issue 13, not fixed yet: {reason}")
-
-
-FALSE_EXPLODING = _until_fixed("EXPLODING: raw grad/weight RMS ratio (BN convs, 2-row embedding)")
-DEAD_LAYER = _until_fixed("exactly-zero gradients / total ReLU death not reported in time")
-MISSED_DIVERGENCE = _until_fixed("divergence missed or not announced at step 51-52")
-MISSED_TODAY = {("lstm", "lr_x100"), ("bert", "lr_x100")}
-
-
 def _describe(result: Run) -> str:
     return "; ".join(
         f"[{a.severity}] {a.kind}@{a.step} (delivered {a.delivered}) {a.layers[:3]}: {a.message}"
@@ -84,8 +73,7 @@ def test_every_model_is_in_the_healthy_sweep() -> None:
     [
         pytest.param(
             m,
-            marks=[pytest.mark.slow]
-            + ([FALSE_EXPLODING] if m in ("mobilenet_v2", "efficientnet", "bert") else []),
+            marks=[pytest.mark.slow],
         )
         if m in HEAVY
         else m
@@ -122,12 +110,7 @@ def test_harness_plants_what_it_says() -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "factor"),
-    [
-        pytest.param(m, f, marks=[MISSED_DIVERGENCE] if (m, f) in MISSED_TODAY else [])
-        for m in SEEDS
-        for f in ("lr_x100", "lr_x1000")
-    ],
+    ("model", "factor"), [(m, f) for m in SEEDS for f in ("lr_x100", "lr_x1000")]
 )
 def test_lr_jump_is_announced_before_the_loss_turns_nonfinite(model: str, factor: str) -> None:
     """LR x100/x1000 at step 50: spike/exploding right after, delivered before any NaN loss."""
@@ -194,7 +177,6 @@ def test_deep_saturating_mlp_vanishes(pathology: str) -> None:
     assert "0" in hits[0].layers, hits[0].layers  # the first Linear is among the starved ones
 
 
-@DEAD_LAYER
 def test_dead_relu_layer_is_reported_by_default() -> None:
     """A ReLU layer that is 100 % dead (exactly zero gradients) is reported without opt-ins."""
     result = run("mlp", "dead_relu", steps=100)
@@ -203,7 +185,6 @@ def test_dead_relu_layer_is_reported_by_default() -> None:
     assert not any("raise the learning rate" in tip for a in hits for tip in a.advice)
 
 
-@DEAD_LAYER
 def test_dead_relu_layer_is_reported_within_20_steps_with_activation_checks() -> None:
     """With check_activations, total death of a ReLU layer is reported within 20 steps."""
     result = run("mlp", "dead_relu", steps=60, options={"check_activations": True})

@@ -162,12 +162,22 @@ def test_spike_fires_on_a_jump_against_its_history_and_not_before() -> None:
     assert spike.scores is not None and spike.scores[0].argmax() == 2
 
 
-def test_exploding_compares_gradients_with_their_weights() -> None:
-    detector = _bound(gw.ExplodingDetector(ratio=50.0))
-    calm = detector.observe(factories.observation([1.0] * 4, weight_norms=[1.0] * 4))
-    huge = detector.observe(factories.observation([1.0, 1.0, 100.0, 1.0], weight_norms=[1.0] * 4))
-    assert calm.fired.tolist() == [False] and huge.fired.tolist() == [True]
-    assert huge.scores is not None and huge.scores[0].argmax() == 2
+def test_exploding_judges_the_update_the_optimizer_makes() -> None:
+    detector = _bound(gw.ExplodingDetector(adaptive_ratio=0.3, sgd_ratio=1.5))
+    weights = [8.0] * 4  # weight RMS 1 (64 elements)
+    adam = {"weight_norms": weights, "update_rule": "adaptive"}
+    calm = detector.observe(factories.observation([1e3] * 4, lr=[0.1] * 4, **adam))
+    high = detector.observe(factories.observation([1e-3] * 4, lr=[0.1, 0.1, 0.5, 0.0], **adam))
+    assert calm.fired.tolist() == [False] and high.fired.tolist() == [True]  # lr, not gradient
+    assert high.scores is not None and high.scores[0].tolist() == [0.0, 0.0, 0.5, 0.0]
+    sgd = {"weight_norms": weights, "update_rule": "sgd"}
+    small = detector.observe(factories.observation([8.0, 8.0, 8.0, 1e6], lr=[1.0, 1, 1, 0], **sgd))
+    big = detector.observe(factories.observation([8.0, 8.0, 16.0, 1e6], lr=[1.0, 1, 1, 0], **sgd))
+    assert small.fired.tolist() == [False] and big.fired.tolist() == [True]
+    assert big.scores is not None and big.scores[0].tolist() == [0.0, 0.0, 2.0, 0.0]
+    assert detector.threshold == 1.5 and big.value.tolist() == [2.0]
+    unknown = detector.observe(factories.observation([1e6] * 4, lr=[9.0] * 4, weight_norms=weights))
+    assert unknown.fired.tolist() == [False]  # no update rule: not judged
 
 
 def test_nonfinite_names_the_deepest_nonfinite_layer_or_the_loss() -> None:

@@ -24,6 +24,8 @@ class AlertKind(str, enum.Enum):
     SATURATION = "saturation"
     DEAD_UNITS = "dead_units"
     STAGNATION = "stagnation"
+    ZERO_GRAD = "zero_grad"
+    """Layers whose gradient is exactly zero for many steps: nothing reaches them."""
     AMP_OVERFLOW = "amp_overflow"
     NONFINITE_BUFFERS = "nonfinite_buffers"
     """Running statistics of normalisation layers (BatchNorm...) are NaN/Inf: evaluation breaks."""

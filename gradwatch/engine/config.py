@@ -27,8 +27,8 @@ class WatchConfig:
 
     Example:
         >>> config = WatchConfig(log_every_n_steps=10, remedies=[])
-        >>> [type(d).__name__ for d in config.detectors]
-        ['VanishingDetector', 'ExplodingDetector', 'SpikeDetector', 'NonFiniteDetector']
+        >>> [type(d).__name__ for d in config.detectors][:4]
+        ['VanishingDetector', 'ExplodingDetector', 'ExplodingProfileDetector', 'SpikeDetector']
 
     Attributes:
         log_every_n_steps: Flush cadence (host transfer, alerts, per-layer scalars); >= 1.

@@ -22,18 +22,27 @@ import torch
 from gradwatch.engine.alerts import AlertKind
 from gradwatch.engine.checks import check_fraction, check_int, check_number
 from gradwatch.engine.component import Component
+from gradwatch.engine.layers import Layout
 from gradwatch.engine.observation import Detection, Observation, finite
 from gradwatch.engine.origin import Origin
 from gradwatch.engine.roles import Role, role_of
 from gradwatch.engine.text import format_layers
 from gradwatch.engine.thresholds import (
     DEAD_FRACTION,
+    DEAD_TOTAL_WINDOW,
     DEAD_WINDOW,
-    EXPLODING_RATIO,
+    EXPLODING_ADAPTIVE_UPDATE,
+    EXPLODING_PROFILE_ONCE,
+    EXPLODING_PROFILE_PATIENCE,
+    EXPLODING_PROFILE_RATIO,
+    EXPLODING_SGD_UPDATE,
     EXPLODING_WEIGHT_FLOOR,
+    NORM_GROWTH,
+    NORM_GROWTH_WINDOW,
     SATURATION_FRACTION,
     SATURATION_PATIENCE,
     SPIKE_BETA,
+    SPIKE_LAYER_MIN_RATIO,
     SPIKE_MIN_RATIO,
     SPIKE_WARMUP,
     SPIKE_Z,
@@ -41,6 +50,7 @@ from gradwatch.engine.thresholds import (
     STAGNATION_RATIO,
     VANISHING_PATIENCE,
     VANISHING_RATIO,
+    ZERO_GRAD_PATIENCE,
 )
 
 Cadence = Literal["step", "flush"]
@@ -84,32 +94,20 @@ class Detector(Component):
         raise NotImplementedError
 
 
-class VanishingDetector(Detector):
-    """Early layers' gradients tiny compared with the last layers', sustained.
-
-    Compares the scale-free per-layer gradient RMS (``norm / sqrt(numel)``): the geometric mean over
-    the first quarter of the layers (forward order) against the last quarter. Layers whose gradient
-    is exactly zero (e.g. behind a zero-initialised residual branch at step 0) carry no information
-    and are left out; so are embeddings, whose gradients are row-sparse by construction. Needs at
-    least two comparable layers. Fires once the ratio stayed below ``ratio`` for ``patience``
-    consecutive valid steps; names the layers below ``ratio`` times the last quarter, tiniest first.
-
-    A slow condition that no remedy acts on: it runs at the flush over the pending steps.
-
-    Example:
-        >>> detector = VanishingDetector(ratio=1e-3)
-
-    Args:
-        ratio: Early/late gradient RMS ratio below which gradients vanish.
-        patience: Consecutive valid steps the condition must hold.
+class _Profile(Detector):
+    """Shared by the vanishing and exploding profiles: the first quarter of the layers against the
+    last quarter (forward order), geometric means of the scale-free gradient RMS
+    (``norm / sqrt(numel)``). Exactly-zero gradients carry no information and are left out; so
+    are embeddings, whose gradients are row-sparse by construction. Needs at least two comparable
+    layers. A slow condition that no remedy acts on: runs at the flush over the pending steps.
     """
 
-    kind = AlertKind.VANISHING
     cadence = "flush"
     run: torch.Tensor
+    _sign: ClassVar[float] = 1.0  # first quarter: its largest (1) or smallest (-1) gradient
 
-    def __init__(self, ratio: float = VANISHING_RATIO, patience: int = VANISHING_PATIENCE) -> None:
-        super().__init__(check_fraction("ratio", ratio))
+    def __init__(self, ratio: float, patience: int) -> None:
+        super().__init__(ratio)
         self.patience = check_int("patience", patience, minimum=1)
         self._log_ratio = math.log10(ratio)
         self._quarter = 1
@@ -133,24 +131,71 @@ class VanishingDetector(Detector):
         left_out[eligible] = False
         self._offset = torch.where(left_out, torch.nan, offset)
 
-    def observe(self, obs: Observation) -> Detection:
-        k, num_layers = obs.norms.shape
-        if not self._group_index.numel():
-            zero = torch.zeros(k, device=obs.norms.device)
-            return Detection(zero > 0, zero, torch.zeros(k, num_layers, device=obs.norms.device))
+    def _profile(self, obs: Observation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[k]`` log10 first/last-quarter ratio (NaN without information), ``[k, L]`` log10
+        RMS, ``[k, 1]`` log10 RMS of the last quarter.
+
+        The last quarter is summarised by its geometric mean, the first by its layer closest to
+        the last quarter's scale (the largest gradient for vanishing, the smallest for
+        exploding): the condition must hold for the whole first quarter, so that one or two
+        layers with small gradients by design (attention query/key projections at
+        initialisation) do not make a healthy network look vanishing.
+        """
+        k = obs.norms.shape[0]
         log_rms = torch.log10(obs.norms) + self._offset
         log_rms = torch.where(torch.isfinite(log_rms), log_rms, torch.nan)  # zeros carry no info
         groups = log_rms.index_select(1, self._group_index).view(k, 2, self._quarter)
-        means = groups.nanmean(2)
-        gap = means[:, 0] - means[:, 1]  # NaN when a group has no information: never holds
-        below = gap < self._log_ratio
-        # Run length of valid "below" steps, carried over flushes; invalid steps change nothing.
-        counted = torch.cumsum((obs.valid & below).float(), 0)
-        resets = torch.where(obs.valid & ~below, counted, -1.0).cummax(0).values
+        late = groups[:, 1].nanmean(1, keepdim=True)
+        sign = self._sign
+        early = sign * torch.nan_to_num(sign * groups[:, 0], nan=-torch.inf).amax(1)
+        early = torch.where(torch.isinf(early), torch.nan, early)  # no information
+        return early - late[:, 0], log_rms, late
+
+    def _run(self, obs: Observation, holds: torch.Tensor) -> torch.Tensor:
+        """Run length of valid steps where ``holds``, carried over flushes; invalid steps change
+        nothing."""
+        counted = torch.cumsum((obs.valid & holds).float(), 0)
+        resets = torch.where(obs.valid & ~holds, counted, -1.0).cummax(0).values
         run = torch.where(resets >= 0, counted - resets, self.run + counted)
         self.run = run[-1]
+        return run
+
+
+class VanishingDetector(_Profile):
+    """Early layers' gradients tiny compared with the last layers', sustained.
+
+    Compares the scale-free per-layer gradient RMS (``norm / sqrt(numel)``): the largest over the
+    first quarter of the layers (forward order) against the geometric mean of the last quarter
+    (every early layer must be tiny, not only attention query/key projections, whose gradients
+    are small at initialisation by design). Layers whose gradient
+    is exactly zero (e.g. behind a zero-initialised residual branch at step 0) carry no information
+    and are left out; so are embeddings, whose gradients are row-sparse by construction. Needs at
+    least two comparable layers. Fires once the ratio stayed below ``ratio`` for ``patience``
+    consecutive valid steps; names the layers below ``ratio`` times the last quarter, tiniest first.
+
+    A slow condition that no remedy acts on: it runs at the flush over the pending steps.
+
+    Example:
+        >>> detector = VanishingDetector(ratio=1e-3)
+
+    Args:
+        ratio: Early/late gradient RMS ratio below which gradients vanish.
+        patience: Consecutive valid steps the condition must hold.
+    """
+
+    kind = AlertKind.VANISHING
+
+    def __init__(self, ratio: float = VANISHING_RATIO, patience: int = VANISHING_PATIENCE) -> None:
+        super().__init__(check_fraction("ratio", ratio), patience)
+
+    def observe(self, obs: Observation) -> Detection:
+        k, num_layers = obs.norms.shape
+        if not self._group_index.numel():
+            return _quiet_block(k, num_layers, obs.norms.device)
+        gap, log_rms, late = self._profile(obs)
+        run = self._run(obs, gap < self._log_ratio)  # NaN gap: no information, never holds
         # How far (in decades) each layer sits below ``ratio`` times the last layers: tiniest first.
-        scores = (means[:, 1:] + self._log_ratio - log_rms).nan_to_num(0.0).clamp_min(0.0)
+        scores = (late + self._log_ratio - log_rms).nan_to_num(0.0).clamp_min(0.0)
         return Detection(fired=run >= self.patience, value=torch.pow(10.0, gap), scores=scores)
 
     def message(self, value: float, layers: tuple[str, ...]) -> str:
@@ -161,53 +206,176 @@ class VanishingDetector(Detector):
         )
 
 
-class ExplodingDetector(Detector):
-    """Gradients huge relative to their weights.
+class ExplodingProfileDetector(_Profile):
+    """Gradients that grow toward the input: the mirror image of vanishing.
 
-    Per layer, gradient RMS over weight RMS (the weight norms the engine refreshes at step 0 and at
-    every flush). A layer's weight RMS is floored at ``weight_floor`` times the model's median, so
-    zero-initialised layers are neither divided by zero nor by their first tiny updates. Fires at
-    the very first step where a layer's ratio exceeds ``ratio``; invalid steps (NaN/Inf, AMP
-    overflow) belong to the non-finite detector.
+    The first quarter of the layers' gradient RMS against the last quarter's (as
+    :class:`VanishingDetector`, the same layers left out). Fires at once when the ratio exceeds
+    ``once``, or when it stayed above ``ratio`` for ``patience`` consecutive valid steps; names the
+    layers above ``ratio`` times the last quarter, largest first. Blind to the optimizer, so it
+    also watches a model without one (the exploding RNN of the literature fires at step 0).
 
     Args:
-        ratio: Gradient/weight RMS ratio above which gradients explode.
+        ratio: First/last-quarter gradient RMS ratio above which gradients explode, sustained.
+        patience: Consecutive valid steps ``ratio`` must be exceeded.
+        once: The ratio above which a single step fires.
+    """
+
+    kind = AlertKind.EXPLODING
+    _sign = -1.0
+
+    def __init__(
+        self,
+        ratio: float = EXPLODING_PROFILE_RATIO,
+        patience: int = EXPLODING_PROFILE_PATIENCE,
+        once: float = EXPLODING_PROFILE_ONCE,
+    ) -> None:
+        super().__init__(check_number("ratio", ratio, low=1.0), patience)
+        self.once = check_number("once", once, low=1.0)
+        self._log_once = math.log10(self.once)
+
+    def observe(self, obs: Observation) -> Detection:
+        k, num_layers = obs.norms.shape
+        if not self._group_index.numel():
+            return _quiet_block(k, num_layers, obs.norms.device)
+        gap, log_rms, late = self._profile(obs)
+        run = self._run(obs, gap > self._log_ratio)
+        fired = (run >= self.patience) | (obs.valid & (gap > self._log_once))
+        scores = (log_rms - late - self._log_ratio).nan_to_num(0.0).clamp_min(0.0)
+        return Detection(fired=fired, value=torch.pow(10.0, gap), scores=scores)
+
+    def message(self, value: float, layers: tuple[str, ...]) -> str:
+        return (
+            "gradients explode toward the input: the first layers' gradient RMS is "
+            f"{value:.3g} times the last layers' (threshold {self.threshold:g} for "
+            f"{self.patience} steps, or {self.once:g} once); {format_layers(layers)} get "
+            "the largest gradients"
+        )
+
+
+class NormGrowthDetector(Detector):
+    """The total gradient norm grows multiplicatively, step after step: a slow explosion.
+
+    Compares every step's total norm with the one ``window`` steps earlier: fires when it grew more
+    than ``growth`` times over the window and by at least ``growth ** 0.25`` over each half of it
+    (a steady climb, not one jump, which is the spike detector's business). An EMA-based spike
+    detector misses such a climb: its mean and deviation follow the trend. Invalid steps (NaN/Inf,
+    AMP overflow) compare with nothing. A slow condition: it runs at the flush.
+
+    Not in the default set: a healthy run can climb as steeply while it learns (BERT-tiny on a
+    majority-vote task, AdamW 1e-4: 63x over 20 steps at its loss drop, step 165). Add it where
+    the gradient norm is expected to stay level: ``[*default_detectors(), NormGrowthDetector()]``.
+
+    Args:
+        growth: Factor by which the total norm must grow over ``window`` steps.
+        window: Steps over which the growth is measured.
+    """
+
+    kind = AlertKind.EXPLODING
+    cadence = "flush"
+    tail: torch.Tensor
+
+    def __init__(self, growth: float = NORM_GROWTH, window: int = NORM_GROWTH_WINDOW) -> None:
+        super().__init__(_check_ratio("growth", growth))
+        self.window = check_int("window", window, minimum=2)
+        self._log_growth = math.log(self.threshold)
+        self.add_state("tail", math.nan, self.window)  # log totals of the last steps
+
+    def observe(self, obs: Observation) -> Detection:
+        k = obs.totals.shape[0]
+        log_total = torch.where(obs.valid & (obs.totals > 0), obs.totals.log(), torch.nan)
+        sequence = torch.cat([self.tail, log_total])
+        window, half = self.window, self.window // 2
+        whole = sequence[window:] - sequence[:-window]
+        late = sequence[window:] - sequence[window - half : window - half + k]
+        early = whole - late
+        quarter = self._log_growth / 4
+        fired = (whole > self._log_growth) & (late > quarter) & (early > quarter)
+        self.tail = sequence[-window:]
+        return Detection(fired=fired, value=whole.exp().nan_to_num(0.0))
+
+    def message(self, value: float, layers: tuple[str, ...]) -> str:
+        return (
+            f"the total gradient norm grew {value:.3g} times over {self.window} steps, steadily "
+            f"(threshold {self.threshold:g}): gradients are exploding step after step"
+        )
+
+
+class ExplodingDetector(Detector):
+    """Updates that overshoot their weights: the relative update the optimizer is about to make.
+
+    Judges what the optimizer does with the gradient, per layer, as ``||Δw|| / ||w||`` of the
+    coming update: under the Adam family every element moves by about the learning rate whatever
+    the gradient's size, so the relative update is ``lr * sqrt(numel) / ||w||``; under SGD it is
+    ``lr * ||g|| / ||w||``. The learning rates are the ones the optimizer will apply at this step
+    (re-read at every step, schedules and manual changes included, times the scale an LR remedy
+    such as LRBackoff applied at the previous step, so that a backoff settles). A layer's weight
+    RMS counts as at least ``weight_floor`` times the model's median (refreshed at step 0 and
+    every flush), so zero-initialised layers and their first tiny weights are not divided by ~0.
+    Layers the optimizer does not update (frozen by leaving them out, ``lr=0``) are never judged.
+    Without an optimizer, or with one whose rule is neither (L-BFGS, LAMB...), it stays quiet.
+    Invalid steps (NaN/Inf, AMP overflow) belong to the non-finite detector.
+
+    Args:
+        adaptive_ratio: Relative update above which an Adam-family update overshoots.
+        sgd_ratio: Relative update above which an SGD update overshoots.
         weight_floor: Fraction of the median weight RMS below which weights count as that floor.
     """
 
     kind = AlertKind.EXPLODING
 
     def __init__(
-        self, ratio: float = EXPLODING_RATIO, weight_floor: float = EXPLODING_WEIGHT_FLOOR
+        self,
+        adaptive_ratio: float = EXPLODING_ADAPTIVE_UPDATE,
+        sgd_ratio: float = EXPLODING_SGD_UPDATE,
+        weight_floor: float = EXPLODING_WEIGHT_FLOOR,
     ) -> None:
-        super().__init__(check_number("ratio", ratio, low=0.0))
+        super().__init__(check_number("adaptive_ratio", adaptive_ratio, low=0.0))
+        self.adaptive_ratio = self.threshold
+        self.sgd_ratio = check_number("sgd_ratio", sgd_ratio, low=0.0)
         self.weight_floor = check_fraction("weight_floor", weight_floor)
-        self._inv_sqrt_numel = torch.zeros(0)
-        self._weights = torch.zeros(0)
-        self._scale = torch.zeros(0)
+        self._sqrt_numel = torch.zeros(0)
+        self._seen: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self._fixed = torch.zeros(0)
+        self._per_grad = torch.zeros(0)
 
     def prepare(self) -> None:
-        self._inv_sqrt_numel = self.layout.numels.clamp_min(1.0).rsqrt()
-        self._weights = torch.zeros(0)
-        self._scale = self._inv_sqrt_numel
+        self._sqrt_numel = self.layout.numels.clamp_min(1.0).sqrt()
+        self._seen = (None, None)
+
+    def _refresh(self, obs: Observation, lr: torch.Tensor) -> None:
+        """Relative update per unit of gradient norm and per step, for new weights or rates."""
+        self._seen = (obs.weight_norms, lr)
+        weight_rms = obs.weight_norms / self._sqrt_numel
+        median = torch.where(weight_rms > 0, weight_rms, torch.nan).nanmedian()
+        reference = torch.fmax(weight_rms, median * self.weight_floor)  # fmax ignores NaN
+        inverse = torch.where(reference > 0, reference.reciprocal(), 0.0)
+        zero = torch.zeros_like(inverse)
+        if obs.update_rule == "adaptive":  # ||Δw|| ~ lr * sqrt(numel): RMS step lr
+            self._fixed, self._per_grad = lr * inverse, zero
+            self.threshold = self.adaptive_ratio
+        else:  # ||Δw|| = lr * ||g||
+            self._fixed, self._per_grad = zero, lr * inverse / self._sqrt_numel
+            self.threshold = self.sgd_ratio
 
     def observe(self, obs: Observation) -> Detection:
-        if obs.weight_norms is not self._weights:  # refreshed: recompute the per-layer scale once
-            self._weights = obs.weight_norms
-            weight_rms = obs.weight_norms * self._inv_sqrt_numel
-            median = torch.where(weight_rms > 0, weight_rms, torch.nan).nanmedian()
-            reference = torch.fmax(weight_rms, median * self.weight_floor)  # fmax ignores NaN
-            inverse = torch.where(reference > 0, reference.reciprocal(), 0.0)
-            self._scale = self._inv_sqrt_numel * inverse
-        ratio = (obs.norms * self._scale).nan_to_num(0.0, 0.0, 0.0)
-        over = ratio > self.threshold
-        fired = obs.valid & over.any(1)
-        return Detection(fired=fired, value=ratio.amax(1), scores=torch.where(over, ratio, 0.0))
+        lr = obs.lr
+        if lr is None or obs.update_rule not in ("adaptive", "sgd"):
+            return _quiet_block(1, self.layout.num_layers, self.layout.device)
+        if obs.weight_norms is not self._seen[0] or lr is not self._seen[1]:
+            self._refresh(obs, lr)
+        relative = torch.addcmul(self._fixed, obs.norms[0], self._per_grad)
+        over = relative > self.threshold
+        fired = obs.valid & over.any()
+        return Detection(
+            fired=fired, value=relative.amax()[None], scores=torch.where(over, relative, 0.0)[None]
+        )
 
     def message(self, value: float, layers: tuple[str, ...]) -> str:
         return (
-            f"gradients explode: in {format_layers(layers)} the gradient is {value:.3g} times the "
-            f"size of the weights (threshold {self.threshold:g}), so one update overshoots them"
+            f"updates overshoot the weights: the optimizer's next update of "
+            f"{format_layers(layers)} is {value:.3g} times the size of their weights "
+            f"(threshold {self.threshold:g}): the learning rate is too high for them"
         )
 
 
@@ -216,15 +384,18 @@ class SpikeDetector(Detector):
 
     Keeps an EMA mean and variance of the log-norm of every layer and of the total (Welford-style
     exponential moving statistics, a plain running mean for the first ``warmup`` samples). A norm
-    spikes when it is both ``z_threshold`` deviations and ``min_ratio`` times above its mean. Only
-    valid steps enter the statistics (no NaN/Inf, no AMP overflow) and exact zeros are skipped;
-    a spiking value enters them clamped to the threshold, so one spike does not blind the detector.
+    spikes when it is both ``z_threshold`` deviations and ``min_ratio`` (the total) or
+    ``layer_min_ratio`` (a layer) times above its mean: single layers are noisier than their sum.
+    Only valid steps enter the statistics (no NaN/Inf, no AMP overflow) and exact zeros are
+    skipped; a spiking value enters them clamped to the threshold, so one spike does not blind the
+    detector. Layers the optimizer does not update are left out (their gradients steer nothing).
 
     Args:
         z_threshold: Deviations above the EMA mean (of log-norms) that count as a spike.
-        min_ratio: The norm must also be at least this many times its EMA (geometric) mean.
+        min_ratio: The total norm must also be at least this many times its EMA (geometric) mean.
         beta: EMA decay of the mean and variance, in (0, 1).
         warmup: Samples of a norm needed before it can spike.
+        layer_min_ratio: A layer's norm must be at least this many times its EMA mean.
     """
 
     kind = AlertKind.SPIKE
@@ -238,36 +409,48 @@ class SpikeDetector(Detector):
         min_ratio: float = SPIKE_MIN_RATIO,
         beta: float = SPIKE_BETA,
         warmup: int = SPIKE_WARMUP,
+        layer_min_ratio: float = SPIKE_LAYER_MIN_RATIO,
     ) -> None:
         super().__init__(check_number("z_threshold", z_threshold, low=0.0))
-        if isinstance(min_ratio, bool) or not isinstance(min_ratio, int | float):
-            raise TypeError(f"min_ratio must be a number >= 1, got {min_ratio!r}")
-        if not min_ratio >= 1.0 or not math.isfinite(min_ratio):
-            raise ValueError(f"min_ratio must be a number >= 1, got {min_ratio!r}")
-        self.min_ratio = float(min_ratio)
+        self.min_ratio = _check_ratio("min_ratio", min_ratio)
+        self.layer_min_ratio = _check_ratio("layer_min_ratio", layer_min_ratio)
         self.beta = check_fraction("beta", beta)
         self.warmup = check_int("warmup", warmup, minimum=1)
-        self._log_min_ratio = math.log(min_ratio)
         self.add_state("mean", 0.0, "layers+1")  # every layer, then the total
         self.add_state("var", 0.0, "layers+1")
         self.add_state("count", 0.0, "layers+1")
+        self._log_min = torch.zeros(0)
         self._cap = torch.zeros(0)
         self._gate = torch.zeros(0)
         self._jump = torch.zeros(0)
         self._weight = torch.zeros(0)
+        self._lr: torch.Tensor | None = None
+        self._updated = torch.zeros(0, dtype=torch.bool)
+        self._layout: Layout | None = None
 
     def prepare(self) -> None:
         """Derives next step's thresholds from the statistics (done once per update)."""
+        num_layers = self.layout.num_layers
+        if self._layout is not self.layout:  # bound to (new) layers
+            self._layout = self.layout
+            log_min = torch.full((num_layers + 1,), math.log(self.layer_min_ratio))
+            log_min[-1] = math.log(self.min_ratio)
+            self._log_min = log_min.to(self.layout.device)
+            self._lr = None
+            self._updated = torch.ones(num_layers + 1, dtype=torch.bool, device=self.layout.device)
         warm = self.count >= self.warmup
         self._cap = torch.where(warm, self.threshold * self.var.sqrt(), torch.inf)
-        self._gate = self._cap.clamp_min(self._log_min_ratio)  # z deviations and min_ratio
-        self._jump = torch.where(warm, self._log_min_ratio, torch.inf)[: self.layout.num_layers]
+        self._gate = torch.maximum(self._cap, self._log_min)  # z deviations and the min ratio
+        self._jump = torch.where(warm, self._log_min, torch.inf)[:num_layers]
         self._weight = (self.count + 1).reciprocal().clamp_min(1.0 - self.beta)
 
     def observe(self, obs: Observation) -> Detection:
         num_layers = self.layout.num_layers
+        if obs.lr is not None and obs.lr is not self._lr:  # new rates: which layers move
+            self._lr = obs.lr
+            self._updated = torch.cat([obs.lr > 0, self._updated[-1:]])
         deviation = torch.cat([obs.norms[0], obs.totals]).log() - self.mean
-        present = finite(deviation) & obs.valid
+        present = finite(deviation) & obs.valid & self._updated
         spiking = (deviation > self._gate) & present
         fired = spiking.any()
         # Running mean while warming up, EMA after; a spike enters capped at the threshold.
@@ -291,6 +474,55 @@ class SpikeDetector(Detector):
         return (
             f"the gradient norm jumped to {value:.3g} times its recent typical value{where}: "
             "the run may be diverging (learning rate too high, a bad batch)"
+        )
+
+
+class ZeroGradientDetector(Detector):
+    """Layers whose gradient is exactly zero (or absent) for many steps in a row.
+
+    An exactly-zero gradient is no small gradient: nothing reaches the layer at all (every ReLU
+    after it dead, a branch cut off by ``detach`` or a zero multiplier, a parameter the loss never
+    uses). Fires once a layer's gradient stayed exactly zero for ``patience`` consecutive valid
+    steps, and keeps firing until it moves. Never reports what is known not to learn: frozen
+    parameters are not watched, layers the optimizer does not update (or with ``lr=0``) and
+    embeddings (whose rows outside the batch get no gradient by construction) are left out.
+    A slow condition that no remedy acts on: it runs at the flush over the pending steps.
+
+    Args:
+        patience: Consecutive valid steps of exactly-zero gradient.
+    """
+
+    kind = AlertKind.ZERO_GRAD
+    cadence = "flush"
+    run: torch.Tensor
+
+    def __init__(self, patience: int = ZERO_GRAD_PATIENCE) -> None:
+        super().__init__(0.0)
+        self.patience = check_int("patience", patience, minimum=1)
+        self._eligible = torch.zeros(0, dtype=torch.bool)
+        self.add_state("run", 0.0, "layers")
+
+    def prepare(self) -> None:
+        eligible = [role_of(layer.module) is not Role.EMBEDDING for layer in self.layout.layers]
+        self._eligible = torch.tensor(eligible, dtype=torch.bool, device=self.layout.device)
+
+    def observe(self, obs: Observation) -> Detection:
+        zero = obs.norms == 0
+        valid = obs.valid[:, None]
+        counted = torch.cumsum((valid & zero).float(), 0)
+        resets = torch.where(valid & ~zero, counted, -1.0).cummax(0).values
+        run = torch.where(resets >= 0, counted - resets, self.run + counted)
+        self.run = run[-1]
+        eligible = self._eligible if obs.lr is None else self._eligible & (obs.lr > 0)
+        firing = (run >= self.patience) & eligible
+        scores = torch.where(firing, run, 0.0)
+        return Detection(fired=firing.any(1), value=firing.sum(1).float(), scores=scores)
+
+    def message(self, value: float, layers: tuple[str, ...]) -> str:
+        return (
+            f"{value:g} layer(s) got an exactly-zero gradient for {self.patience}+ steps in a "
+            f"row: {format_layers(layers)} do not learn at all (nothing reaches them: dead ReLUs "
+            "after them, a detached or zero-multiplied branch, or a parameter the loss never uses)"
         )
 
 
@@ -440,19 +672,28 @@ class DeadUnitsDetector(Detector):
     Reads, per rectifier unit (feature or channel), how many steps in a row it has been idle (the
     :class:`~gradwatch.engine.activations.ActivationMonitor` counts them, steps where its module
     ran). A module fires when at least ``fraction`` of its units have been idle for ``window``
-    steps. Candidates are the hooked activation modules.
+    steps, or when every one of its units has been idle for ``total_window`` steps (a layer that
+    died entirely is reported early). Candidates are the hooked activation modules.
 
     Args:
         fraction: Fraction of dead units at which a module is reported.
         window: Steps without a positive output after which a unit counts as dead.
+        total_window: Steps after which a module none of whose units produced a positive output
+            is reported (at most ``window``).
     """
 
     kind = AlertKind.DEAD_UNITS
     needs = "check_activations"
 
-    def __init__(self, fraction: float = DEAD_FRACTION, window: int = DEAD_WINDOW) -> None:
+    def __init__(
+        self,
+        fraction: float = DEAD_FRACTION,
+        window: int = DEAD_WINDOW,
+        total_window: int = DEAD_TOTAL_WINDOW,
+    ) -> None:
         super().__init__(check_fraction("fraction", fraction))
         self.window = check_int("window", window, minimum=1)
+        self.total_window = min(self.window, check_int("total_window", total_window, minimum=1))
 
     def candidate_names(self) -> list[str]:
         return list(self.layout.activation_names)
@@ -462,14 +703,20 @@ class DeadUnitsDetector(Detector):
         count = len(self.layout.activation_names)
         if stats is None or not stats.idle_steps.numel():
             return _quiet(count, self.layout.device)
-        dead = (stats.idle_steps >= self.window).float()
-        per_module = torch.zeros(count, device=dead.device).index_add_(0, stats.unit_module, dead)
+        idle = torch.stack([stats.idle_steps >= self.window, stats.idle_steps >= self.total_window])
+        per_module = torch.zeros(2, count, device=idle.device)
+        per_module.index_add_(1, stats.unit_module, idle.float())
         fraction = per_module / stats.units.clamp_min(1.0)
-        over = fraction >= self.threshold
-        scores = torch.where(over, fraction, 0.0)
+        over = (fraction[0] >= self.threshold) | (fraction[1] >= 1.0)
+        scores = torch.where(over, torch.maximum(fraction[0], fraction[1]), 0.0)
         return Detection(fired=over.any()[None], value=scores.amax()[None], scores=scores[None])
 
     def message(self, value: float, layers: tuple[str, ...]) -> str:
+        if value >= 1.0:
+            return (
+                f"every unit of {format_layers(layers)} produced no positive output for "
+                f"{self.total_window}+ steps (a dead ReLU layer): it passes no gradient"
+            )
         return (
             f"{value:.0%} of the units of {format_layers(layers)} produced no positive output for "
             f"{self.window} steps (dead ReLUs): they pass no gradient"
@@ -524,7 +771,8 @@ class StagnationDetector(Detector):
 def default_detectors(
     *, check_activations: bool = False, track_updates: bool = False
 ) -> list[Detector]:
-    """The detectors ``detectors="default"`` means: vanishing, exploding, spike, non-finite.
+    """The detectors ``detectors="default"`` means: vanishing, exploding (update size and gradient
+    profile), spike, non-finite, zero gradient. :class:`NormGrowthDetector` is opt-in.
 
     With ``check_activations`` the saturation and dead-unit detectors join them, with
     ``track_updates`` the stagnation detector.
@@ -532,8 +780,10 @@ def default_detectors(
     detectors: list[Detector] = [
         VanishingDetector(),
         ExplodingDetector(),
+        ExplodingProfileDetector(),
         SpikeDetector(),
         NonFiniteDetector(),
+        ZeroGradientDetector(),
     ]
     if check_activations:
         detectors += [SaturationDetector(), DeadUnitsDetector()]
@@ -546,3 +796,18 @@ def _quiet(count: int, device: torch.device) -> Detection:
     """A detection that never fires, with ``count`` zero scores."""
     zero = torch.zeros(1, device=device)
     return Detection(fired=zero > 0, value=zero, scores=torch.zeros(1, count, device=device))
+
+
+def _quiet_block(k: int, count: int, device: torch.device) -> Detection:
+    """A detection of ``k`` steps that never fires, with ``count`` zero scores per step."""
+    zero = torch.zeros(k, device=device)
+    return Detection(fired=zero > 0, value=zero, scores=torch.zeros(k, count, device=device))
+
+
+def _check_ratio(name: str, value: float) -> float:
+    """A ratio ``>= 1`` (a number), or a TypeError/ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number >= 1, got {value!r}")
+    if not value >= 1.0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number >= 1, got {value!r}")
+    return float(value)

@@ -42,6 +42,7 @@ from gradwatch.engine.layers import (
     select_layers,
     unwrap,
 )
+from gradwatch.engine.learning_rates import LearningRates
 from gradwatch.engine.mailbox import Mailbox
 from gradwatch.engine.observation import (
     Detection,
@@ -209,6 +210,8 @@ class Engine:
         self._update_ratio: torch.Tensor | None = None
         self._snapshot: list[torch.Tensor] | None = None
         self._previous_applied = self._true
+        self._lrs = LearningRates(self.optimizer, self.layout) if self.optimizer else None
+        self._lr_scale: torch.Tensor | float | None = None  # the LR remedies' previous scale
         self._bind()
 
     # ------------------------------------------------------------------ public
@@ -325,6 +328,8 @@ class Engine:
             update_applied=self._previous_applied if update_ratio is not None else None,
             activations=activations,
             forward=forward,
+            lr=self._learning_rates(),
+            update_rule=self._lrs.rule if self._lrs is not None else None,
         )
         flags: dict[AlertKind, torch.Tensor] = {}
         mail: list[tuple[Detector, Detection]] = []
@@ -354,6 +359,7 @@ class Engine:
                 records += (record,)
             return StepOutcome(StepReport(step=step), records, GradientError(self._error(step)))
         clip_coef, skip, lr_scale = self._apply_remedies(obs, pattern, flags, loss_scale)
+        self._lr_scale = lr_scale
         self._previous_applied = ~overflow & (~skip if skip is not None else self._true)
         self.history.write(step, norms, total, clip_coef, lr_scale)
         histogram_every = self.config.histogram_every_n_steps
@@ -704,6 +710,9 @@ class Engine:
         self._snapshot = None
         self._mailbox = Mailbox(device) if Mailbox.supports(device) else None
         self._carry = []  # rows of an early flush in the old layout (a regular flush came first)
+        if self.optimizer is not None:
+            self._lrs = LearningRates(self.optimizer, self.layout)
+        self._lr_scale = None
         self._bind()
 
     # ------------------------------------------------------------------ the step
@@ -723,6 +732,15 @@ class Engine:
             )
             return self.step_count
         return global_step
+
+    def _learning_rates(self) -> torch.Tensor | None:
+        """``[L]`` learning rates of the coming update: the optimizer's, times the scale the LR
+        remedies applied at the previous step (their scale for this step is decided after the
+        detectors); None without an optimizer."""
+        if self._lrs is None:
+            return None
+        rates = self._lrs.read()
+        return rates if self._lr_scale is None else rates * self._lr_scale
 
     def _loss_finite(self, loss: Any) -> torch.Tensor:
         if loss is None:
@@ -954,6 +972,8 @@ class Engine:
             grads_finite=valid,
             loss_finite=torch.ones_like(valid),
             overflow=torch.zeros_like(valid),
+            lr=self._learning_rates(),
+            update_rule=self._lrs.rule if self._lrs is not None else None,
         )
 
     def _alerts_from_rows(

@@ -47,6 +47,12 @@ class Observation:
         activations: Activation statistics of the newest step (``check_activations=True``).
         forward: Non-finite checks of the newest step's forward passes (its input, its output,
             with ``check_activations=True`` every module's output), None when none was seen.
+        lr: ``[L]`` learning rate each layer's coming update uses (RMS over its elements, times
+            the LR remedies' scale of the previous step; 0 for layers the optimizer does not
+            update), or None without an optimizer.
+        update_rule: How the optimizer turns gradients into updates: ``"adaptive"`` (Adam family:
+            a per-element step of about ``lr``), ``"sgd"`` (``lr`` times the gradient), or None
+            (no optimizer, or another rule).
     """
 
     steps: tuple[int, ...]
@@ -62,6 +68,8 @@ class Observation:
     update_applied: torch.Tensor | None = None
     activations: ActivationStats | None = None
     forward: ForwardChecks | None = None
+    lr: torch.Tensor | None = None
+    update_rule: str | None = None
 
 
 @dataclass(frozen=True)
