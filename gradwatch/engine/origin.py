@@ -6,9 +6,8 @@ floating-point tensors entering the model, a forward hook checks the tensors lea
 ``"loss"`` entry of a dict-like output is left to the loss check). With ``modules=True``
 (``check_activations=True``) every other module's output is checked too, so the first module in
 forward order whose output is non-finite can be named. Each check is one reduction of the tensor
-(a sum: NaN and Inf propagate) and a few scalar ops; nothing is read on the host. A check event
-is numbered in the order it happens, so "the first" is the smallest event code, kept with one
-``torch.minimum`` per event.
+(a sum: NaN and Inf propagate), kept on the device in the order the checks happen; at the step,
+one stack of them finds the first non-finite one. Nothing is read on the host.
 
 When the root's forward never runs (a LightningModule whose ``training_step`` calls
 ``self.net(x)``), the entry points move one level down after two steps: its children are checked
@@ -27,7 +26,6 @@ from torch import nn
 
 from gradwatch.engine.hooks import ForwardHook, Handles, KwargsPreHook
 
-_NONE = 2**62  # the event code of "nothing non-finite"
 _HALF = (torch.float16, torch.bfloat16)
 _MAX_ENTRY_DEPTH = 3  # levels below the root searched for the modules the user calls
 
@@ -92,7 +90,6 @@ class OriginTracer:
         named = list(model.named_modules())
         self.names: list[str] = [name for name, _ in named]
         self._modules = [module for _, module in named]
-        self._stride = len(named) + 1  # slots: module indices, then the input slot
         self._input_slot = len(named)
         self._every_module = modules
         self._handles = Handles(self)
@@ -101,9 +98,11 @@ class OriginTracer:
         self._entry_ran = False
         self._silent_steps = 0  # steps in a row in which no entry module ran
         self._depth = 0
-        self._seq = 0
-        self._first_input: torch.Tensor | None = None
-        self._first_output: torch.Tensor | None = None
+        self._sums: list[torch.Tensor] = []  # one reduction per check event, in event order
+        self._slots: list[int] = []  # the module index of each event (the input slot: inputs)
+        self._tables: dict[
+            tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+        ] = {}
         self._hook_entries()
         if modules:
             for index, module in enumerate(self._modules[1:], start=1):
@@ -123,33 +122,24 @@ class OriginTracer:
     def _input(self, index: int, inputs: Any) -> None:
         self._entry_ran = True
         if torch.is_grad_enabled():
-            code = self._event(self._input_slot, _floats(inputs))
-            if code is not None:
-                first = self._first_input
-                self._first_input = code if first is None else torch.minimum(first, code.to(first))
+            self._event(self._input_slot, _floats(inputs))
 
     def _output(self, index: int, output: Any) -> None:
         if torch.is_grad_enabled():
             if isinstance(output, Mapping):  # a model output holding its loss: the loss check's
                 output = {key: value for key, value in output.items() if key != "loss"}
-            code = self._event(index, _floats(output))
-            if code is not None:
-                first = self._first_output
-                self._first_output = code if first is None else torch.minimum(first, code.to(first))
+            self._event(index, _floats(output))
 
-    def _event(self, slot: int, tensors: Iterator[torch.Tensor]) -> torch.Tensor | None:
-        """The event's code (its number and slot) if a tensor is non-finite, else the no-event
-        code; None without a floating-point tensor. A few device ops, no host read."""
+    def _event(self, slot: int, tensors: Iterator[torch.Tensor]) -> None:
+        """Records one check: the sum of the tensors (NaN and Inf propagate; a finite sum beyond
+        the float range counts as Inf). Two device ops per tensor, nothing read on the host."""
         total: torch.Tensor | None = None
-        for tensor in tensors:  # (the event code lives where the first tensor is)
-            # a sum carries NaN and Inf (a finite sum beyond the float range counts as Inf)
+        for tensor in tensors:  # (the event lives where the first tensor is)
             part = tensor.detach().sum(dtype=torch.float32 if tensor.dtype in _HALF else None)
             total = part if total is None else total + part.to(total.device)
-        if total is None:
-            return None
-        seq = self._seq
-        self._seq += 1
-        return torch.where((total * 0.0) == 0.0, _NONE, seq * self._stride + slot)
+        if total is not None:
+            self._sums.append(total)
+            self._slots.append(slot)
 
     def collect(self, device: torch.device) -> ForwardChecks | None:
         """This step's checks, then clears them; None if no checked forward ran since.
@@ -158,34 +148,54 @@ class OriginTracer:
         first step's forward may predate the tracer), the next level of modules becomes the entry
         points (see the module docstring).
         """
-        first_input, first_output = self._first_input, self._first_output
-        ran = self._seq > 0
+        sums, slots = self._sums, tuple(self._slots)
         self.clear()
         if not self._entry_ran and self._depth < _MAX_ENTRY_DEPTH:
             self._silent_steps += 1
             if self._silent_steps >= 2:
                 self._silent_steps = 0
                 self._descend()
-        if not ran:
+        if not sums:
             return None
-        none = torch.full((), _NONE, dtype=torch.long, device=device)
-        first_input = none if first_input is None else first_input.to(device)
-        first_output = none if first_output is None else first_output.to(device)
-        output_bad = first_output < _NONE
-        modules = self._stride - 1
+        order, is_input, is_output, module_of = self._table(slots, device)
+        stacked = torch.stack([s if s.device == device else s.to(device) for s in sums])
+        bad = (stacked * 0.0) != 0.0  # NaN or Inf
+        first = torch.where(bad, order, len(sums)).amin()  # the first bad event (len: none)
         return ForwardChecks(
-            input_first=first_input < first_output,
-            output_bad=output_bad,
-            module=torch.where(
-                output_bad & (first_output < first_input), first_output % self._stride, modules
-            ),
+            input_first=is_input[first],
+            output_bad=(bad & is_output).any(),
+            module=module_of[first],
         )
+
+    def _table(
+        self, slots: tuple[int, ...], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-event lookup tensors for this sequence of events (the same every step, cached):
+        event numbers, whether each is an input check (one more entry, False, for "none"),
+        whether it is an output check, and the module it names (``len(names)``: none)."""
+        table = self._tables.get(slots)
+        if table is None:
+            modules = len(self.names)
+            inputs = [slot == self._input_slot for slot in slots]
+            table = (
+                torch.arange(len(slots), device=device),
+                torch.tensor([*inputs, False], device=device),
+                torch.tensor([not i for i in inputs], device=device),
+                torch.tensor(
+                    [modules if i else slot for slot, i in zip(slots, inputs, strict=True)]
+                    + [modules],
+                    device=device,
+                ),
+            )
+            if len(self._tables) > 16:  # the sequences of events of a model are few
+                self._tables.clear()
+            self._tables[slots] = table
+        return table
 
     def clear(self) -> None:
         """Forgets the checks since the last :meth:`collect`."""
-        self._first_input = None
-        self._first_output = None
-        self._seq = 0
+        self._sums = []
+        self._slots = []
 
     def _descend(self) -> None:
         """The entry modules never ran: their children become the entry points."""
