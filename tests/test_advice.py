@@ -68,6 +68,20 @@ def test_sigmoid_mlp_gets_the_classic_vanishing_remedies() -> None:
     )
 
 
+def test_zero_gradients_are_explained_and_never_fixed_with_the_learning_rate() -> None:
+    relu_mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(relu_mlp.parameters(), lr=0.1)
+    advice = advise(AlertKind.ZERO_GRAD, ModelProfile.inspect(relu_mlp, optimizer))
+    assert advice[0].startswith("no gradient reaches these layers (exactly zero)")
+    assert "replace ReLU with LeakyReLU/GELU (they cannot die)" in advice
+    assert not any("learning rate" in item for item in advice)
+    after_divergence = gw.Alert(AlertKind.EXPLODING, 3, ("0",), 9.0, 0.3, "warning", "", ())
+    pointed = advise(
+        AlertKind.ZERO_GRAD, ModelProfile.inspect(relu_mlp, optimizer), earlier=[after_divergence]
+    )
+    assert pointed[0].startswith("first fix the exploding alert of step 3")
+
+
 def test_relu_he_batchnorm_mlp_is_not_told_what_it_already_has() -> None:
     profile = profile_of(zoo.relu_he_bn_mlp())
     assert profile.has_norm and profile.he_scaled

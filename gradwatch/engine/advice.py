@@ -28,7 +28,13 @@ from gradwatch.engine.thresholds import DEEP_LAYERS, FORGET_BIAS_SET, INIT_TOO_L
 DIVERGENCE = frozenset({AlertKind.EXPLODING, AlertKind.SPIKE, AlertKind.NONFINITE})
 """Alert kinds of a run going out of range (lower the learning rate, clip)."""
 AFTERMATH = frozenset(
-    {AlertKind.VANISHING, AlertKind.SATURATION, AlertKind.DEAD_UNITS, AlertKind.STAGNATION}
+    {
+        AlertKind.VANISHING,
+        AlertKind.SATURATION,
+        AlertKind.DEAD_UNITS,
+        AlertKind.ZERO_GRAD,
+        AlertKind.STAGNATION,
+    }
 )
 """Alert kinds that a divergence commonly leaves behind: weights blown up push units into flat
 or dead regions, gradients then vanish and updates stall."""
@@ -236,6 +242,20 @@ def _dead_units(profile: ModelProfile, named: set[str]) -> list[str]:
     return out
 
 
+def _zero_grad(profile: ModelProfile, named: set[str]) -> list[str]:
+    out = [
+        "no gradient reaches these layers (exactly zero): look for a ReLU layer after them whose "
+        "units all died, a .detach()/torch.no_grad() between them and the loss, or an output of "
+        "theirs that the loss does not use"
+    ]
+    rectifiers = profile.having(Role.RECTIFIER)
+    if rectifiers:
+        out.append(f"replace {_join(rectifiers)} with LeakyReLU/GELU (they cannot die)")
+    if not profile.has_norm and not profile.recurrent:
+        out.append("add BatchNorm/LayerNorm before the ReLUs")
+    return out
+
+
 def _stagnation(profile: ModelProfile, layers: list[str], zero: set[str]) -> list[str]:
     outside = [name for name in layers if name in profile.not_optimized]
     silent = [name for name in layers if name in zero and name not in outside]
@@ -274,6 +294,7 @@ _ADVICE = {
     AlertKind.SPIKE: _divergence,
     AlertKind.SATURATION: _saturation,
     AlertKind.DEAD_UNITS: _dead_units,
+    AlertKind.ZERO_GRAD: _zero_grad,
 }
 
 
