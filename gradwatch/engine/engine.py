@@ -28,7 +28,7 @@ from gradwatch.engine.activations import ActivationMonitor, activation_modules
 from gradwatch.engine.advice import advise
 from gradwatch.engine.alerts import Alert, AlertBook, AlertKind, GradientError
 from gradwatch.engine.config import WatchConfig
-from gradwatch.engine.detectors import Detector
+from gradwatch.engine.detectors import Detector, NonFiniteDetector
 from gradwatch.engine.histograms import GradientHistograms
 from gradwatch.engine.history import NormHistory
 from gradwatch.engine.layers import (
@@ -155,8 +155,8 @@ class Engine:
                 )
         self.activations = ActivationMonitor(self.model) if self.config.check_activations else None
         activation_names = self.activations.names if self.activations is not None else ()
-        self.origin = OriginTracer(self.model, modules=self.config.check_activations)
-        self.layout = Layout.build(layers, activation_names, self.origin.names)
+        self.origin = self._origin_tracer()
+        self.layout = Layout.build(layers, activation_names, self._module_names())
         self.profile = ModelProfile.inspect(
             self.model, self.optimizer, remedies=self.remedies, scaler=scaler
         )
@@ -306,7 +306,7 @@ class Engine:
         loss_finite = self._loss_finite(loss)
         overflow = self._amp_overflow(grads_finite)
         activations = self.activations.collect() if self.activations is not None else None
-        forward = self.origin.collect(self.layout.device)
+        forward = self.origin.collect(self.layout.device) if self.origin is not None else None
         if activations is None and self.activations is not None and self.activations.names:
             self._warn_once(
                 "activations-silent",
@@ -394,7 +394,8 @@ class Engine:
         flush_due = (step + 1) // cadence > self.step_count // cadence
         if self.config.track_updates:
             self._measure_updates(step)
-        self.origin.clear()  # this step's forward is not judged
+        if self.origin is not None:
+            self.origin.clear()  # this step's forward is not judged
         if flush_due:
             self._weight_norms = self.probe.weight_sq_norms().sqrt()
         self.step_count = step + 1
@@ -527,7 +528,8 @@ class Engine:
     def close(self) -> None:
         """Removes every hook and restores the optimizer; the engine records nothing more."""
         self._order.remove()
-        self.origin.remove()
+        if self.origin is not None:
+            self.origin.remove()
         if self.activations is not None:
             self.activations.remove()
         if self._source is not None:
@@ -662,8 +664,9 @@ class Engine:
             self.activations = ActivationMonitor(self.model)
             self.activations.load_state_dict(saved)
             activation_names = tuple(self.activations.names)
-        self.origin.remove()
-        self.origin = OriginTracer(self.model, modules=self.config.check_activations)
+        if self.origin is not None:
+            self.origin.remove()
+        self.origin = self._origin_tracer()
         self.profile = ModelProfile.inspect(  # the initialisation as measured at the start
             self.model,
             self.optimizer,
@@ -674,6 +677,15 @@ class Engine:
         self._registration = list(self.model.parameters())
         self._relayout(merge_order(self.layout.names, layers), activation_names)
         self._rescan_remedy_parts()
+
+    def _origin_tracer(self) -> OriginTracer | None:
+        """The forward checks behind the NaN origin, when a non-finite detector reads them."""
+        if not any(isinstance(detector, NonFiniteDetector) for detector in self.detectors):
+            return None
+        return OriginTracer(self.model, modules=self.config.check_activations)
+
+    def _module_names(self) -> list[str]:
+        return self.origin.names if self.origin is not None else []
 
     def _rescan_remedy_parts(self) -> None:
         """What the remedies need of a model that changed: where they act (the parameters may
@@ -695,7 +707,7 @@ class Engine:
         previous = {name: index for index, name in enumerate(self.layout.names)}
         if activation_names is None:
             activation_names = self.layout.activation_names
-        self.layout = Layout.build(layers, activation_names, self.origin.names)
+        self.layout = Layout.build(layers, activation_names, self._module_names())
         device = self.layout.device
         self.probe = GradientProbe(layers, device, self._registration)
         self.history = self.history.remapped([previous.get(layer.name) for layer in layers], device)

@@ -91,10 +91,11 @@ class TensorBoardSink(Sink):
             colours (the same for every run, so runs can be compared).
         use_matplotlib: Labelled gradient-flow plot with matplotlib (None: when importable), or a
             plain colour map (False).
-        image_interval: Minimum seconds between two gradient-flow images (TensorBoard's page
-            reloads every 30 s). Drawing one takes tens of milliseconds of a core, so the gap
-            also grows to at least :data:`IMAGE_BUDGET` times the last drawing's CPU time (0: an
-            image at every flush); the last flush before :meth:`close` always gets one.
+        image_interval: Minimum seconds between two gradient-flow images, and before the first
+            (TensorBoard's page reloads every 30 s). Drawing one takes tens of milliseconds of a
+            core, so the gap also grows to at least :data:`IMAGE_BUDGET` times the last drawing's
+            CPU time (0: an image at every flush); the last flush before :meth:`close` always
+            gets one.
         backlog_bytes: Memory the records waiting for the background writer may hold; beyond it
             the oldest waiting records are dropped (the newest is always kept).
         close_timeout: Seconds :meth:`close` waits for the background writer to finish.
@@ -150,8 +151,9 @@ class TensorBoardSink(Sink):
         self._plot = FlowPlot() if matplotlib_wanted else None  # imports matplotlib here
         self._image_interval = image_interval
         self._image_due_step: int | None = None  # the newest step not yet in an image
-        self._last_image_time = -math.inf
-        self._image_gap = 0.0  # seconds to wait after the last image: the interval or the budget
+        # The first image comes one interval after the start (or at close): a short run draws once.
+        self._last_image_time = time.monotonic()
+        self._image_gap = image_interval  # seconds to wait after the last image (and the budget)
         self._layout_written = False
         self._scalars = ScalarTags()
         self._alerts: list[Alert] = []
