@@ -167,9 +167,8 @@ class VanishingDetector(_Profile):
     Compares the scale-free per-layer gradient RMS (``norm / sqrt(numel)``): the largest over the
     first quarter of the layers (forward order) against the geometric mean of the last quarter
     (every early layer must be tiny, not only attention query/key projections, whose gradients
-    are small at initialisation by design). Layers whose gradient
-    is exactly zero (e.g. behind a zero-initialised residual branch at step 0) carry no information
-    and are left out; so are embeddings, whose gradients are row-sparse by construction. Needs at
+    are small at initialisation by design). Layers whose gradient is exactly zero (e.g. behind a
+    zero-initialised residual branch at step 0) carry no information and are left out; so are embeddings, whose gradients are row-sparse by construction. Needs at
     least two comparable layers. Fires once the ratio stayed below ``ratio`` for ``patience``
     consecutive valid steps; names the layers below ``ratio`` times the last quarter, tiniest first.
 
