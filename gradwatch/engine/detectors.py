@@ -168,9 +168,10 @@ class VanishingDetector(_Profile):
     first quarter of the layers (forward order) against the geometric mean of the last quarter
     (every early layer must be tiny, not only attention query/key projections, whose gradients
     are small at initialisation by design). Layers whose gradient is exactly zero (e.g. behind a
-    zero-initialised residual branch at step 0) carry no information and are left out; so are embeddings, whose gradients are row-sparse by construction. Needs at
-    least two comparable layers. Fires once the ratio stayed below ``ratio`` for ``patience``
-    consecutive valid steps; names the layers below ``ratio`` times the last quarter, tiniest first.
+    zero-initialised residual branch at step 0) carry no information and are left out; so are
+    embeddings, whose gradients are row-sparse by construction. Needs at least two comparable
+    layers. Fires once the ratio stayed below ``ratio`` for ``patience`` consecutive valid steps;
+    names the layers below ``ratio`` times the last quarter, tiniest first.
 
     A slow condition that no remedy acts on: it runs at the flush over the pending steps.
 

@@ -1,8 +1,8 @@
 """Mailbox: each step's detection rows on the host within a step, without waiting for the device.
 
 The step-cadence detectors answer on the device. To tell the user within a step or two, the engine
-packs the few numbers of every warning/error detection of a step (fired flag, value, per-layer
-scores) into one small tensor and posts it here. On CUDA it is copied with
+packs the fired flag and the value of every warning/error detection of a step into one small
+tensor and posts it here. On CUDA it is copied with
 ``copy_(non_blocking=True)`` into a pinned host buffer and a ``torch.cuda.Event`` is recorded
 after the copy; :meth:`Mailbox.collect` returns only the rows whose event has completed
 (``Event.query()``, never a wait), so a row arrives at the first ``step()`` after the device has
