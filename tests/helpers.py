@@ -1,4 +1,4 @@
-"""Test helpers: float64 reference norms, a host-sync spy, a scripted detector."""
+"""Test helpers: float64 reference norms, a host-sync spy, a scripted detector, a NaN injector."""
 
 from __future__ import annotations
 
@@ -19,6 +19,18 @@ SYNC_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__
 ONE_TRANSFER = {"cpu": 1, "numpy": 1}
 """What a flush reads: one packed tensor. A step that delivers a new warning/error alert flushes
 early (out of cadence), so it costs exactly this; healthy steps read nothing."""
+
+
+class NaNInBackward(torch.autograd.Function):
+    """Identity forward; its backward returns NaN (a NaN that only the backward pass makes)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.full_like(grad, float("nan"))
 
 
 def reference_norms(model: nn.Module, names: list[str]) -> dict[str, float]:

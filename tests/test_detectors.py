@@ -12,6 +12,7 @@ from torch import nn
 import gradwatch as gw
 from gradwatch.engine.detectors import default_detectors
 from tests import zoo
+from tests.helpers import NaNInBackward
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -341,18 +342,6 @@ def test_spike_ignores_invalid_steps_and_resumes_from_its_state() -> None:
 # ----------------------------------------------------------------------------- non-finite
 
 
-class _NaNInBackward(torch.autograd.Function):
-    """Identity forward; its backward returns NaN, poisoning every layer before it."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return torch.full_like(grad, float("nan"))
-
-
 class _Poisoned(nn.Module):
     """An MLP with a NaN-in-backward injector after layer ``at``."""
 
@@ -366,7 +355,7 @@ class _Poisoned(nn.Module):
         for index, layer in enumerate(self.layers):
             x = torch.tanh(layer(x))
             if self.poison and index == self.at:
-                x = _NaNInBackward.apply(x)
+                x = NaNInBackward.apply(x)
         return x.sum(1)
 
 

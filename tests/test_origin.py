@@ -11,7 +11,7 @@ from torch import nn
 
 import gradwatch as gw
 from gradwatch.engine.origin import OriginTracer
-from tests.helpers import ONE_TRANSFER, count_syncs
+from tests.helpers import ONE_TRANSFER, NaNInBackward, count_syncs
 
 POISON_STEP = 3
 
@@ -25,18 +25,6 @@ class LogOfShifted(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.log(x.abs() + 1.0 - self.shift)
-
-
-class NaNGradient(torch.autograd.Function):
-    """Identity forward, NaN backward: a backward-only NaN."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return torch.full_like(grad, float("nan"))
 
 
 class Net(nn.Module):
@@ -54,7 +42,7 @@ class Net(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.log(self.fc2(self.act(self.fc1(x))))
         if self.nan_backward:
-            h = NaNGradient.apply(h)
+            h = NaNInBackward.apply(h)
         return self.head(h)
 
 
